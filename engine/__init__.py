@@ -1,0 +1,1 @@
+"""Protégé engine: Qwen2.5 model, checkpoints, tokenizer/chat format, training."""

@@ -1,0 +1,82 @@
+"""Fused ops of the engine. Each public function runs a Triton kernel or its PyTorch reference
+(kernels/reference.py), chosen per call: PROTEGE_KERNELS=triton|torch if set, else Triton on CUDA tensors
+and PyTorch elsewhere. (On the CPU the Triton path needs TRITON_INTERPRET=1 set before import.)"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+_BACKENDS = ("triton", "torch")
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend an op on tensor `t` uses."""
+    forced = os.environ.get("PROTEGE_KERNELS", "").strip().lower()
+    if forced:
+        if forced not in _BACKENDS:
+            raise ValueError(f"PROTEGE_KERNELS={forced!r}: expected one of {', '.join(_BACKENDS)}")
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return backend_for(t) == "triton"
+
+
+def rms_norm(x, weight, eps):
+    if use_triton(x):
+        from kernels.rms_norm import rms_norm_triton
+        return rms_norm_triton(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """-> (rms_norm(x + residual), x + residual)"""
+    if use_triton(x):
+        from kernels.rms_norm import add_rms_norm_triton
+        return add_rms_norm_triton(x, residual, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def apply_rope(q, k, positions, theta):
+    if use_triton(q):
+        from kernels.rope import apply_rope_triton
+        return apply_rope_triton(q, k, positions, theta)
+    return reference.apply_rope(q, k, positions, theta)
+
+
+def swiglu(gate, up):
+    if use_triton(gate):
+        from kernels.swiglu import swiglu_triton
+        return swiglu_triton(gate, up)
+    return reference.swiglu(gate, up)
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    if use_triton(hidden):
+        from kernels.token_logprobs import token_logprobs_triton
+        return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy)
+    from kernels.token_logprobs import token_logprobs_chunked
+    return token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
+    if use_triton(q):
+        from kernels.attention import varlen_attention_triton
+        return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+
+
+def linear(x, weight, bias=None):
+    """Batch-invariant matmul on the Triton path (a row's result never depends on the other rows)."""
+    if use_triton(x):
+        from kernels.linear import linear_triton
+        return linear_triton(x, weight, bias)
+    return reference.linear(x, weight, bias)
+
+
+__all__ = ["backend_for", "use_triton", "rms_norm", "add_rms_norm", "apply_rope", "swiglu",
+           "token_logprobs", "varlen_attention", "linear", "reference"]

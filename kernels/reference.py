@@ -1,0 +1,81 @@
+"""Plain PyTorch implementations of every op: the CPU path and the oracle the Triton kernels are tested
+against. They follow Hugging Face's Qwen2 numerics (where it rounds, these round the same way)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As HF: statistics in fp32, normalised value cast back to the input dtype, then scaled by the weight.
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    # Exactly HF's formula, so the angles (and hence cos/sin) are the same fp32 numbers.
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta ** exponent)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin of shape [T, head_dim // 2] in fp32."""
+    angles = positions.float()[:, None] * rope_inv_freq(head_dim, theta, positions.device)[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
+    """NeoX-style rotary embedding of q [T, Hq, D] and k [T, Hkv, D] at per-token positions [T].
+    Rotation in fp32, result cast to the input dtype."""
+    cos, sin = rope_cos_sin(positions, q.shape[-1], theta)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, return_entropy: bool = False):
+    """log p(targets[t]) under softmax(hidden[t] @ weight.T / temperature), in fp32, materialising the
+    full [T, V] logits (the oracle; the fused op never does). Optionally the entropy of each row."""
+    logits = (hidden @ weight.t()).float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    out = logp.gather(-1, targets.long()[:, None]).squeeze(-1)
+    if not return_entropy:
+        return out
+    return out, -(logp.exp() * logp).sum(-1)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
+    """Attention over packed sequences: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
+    Each sequence attends only to itself; GQA by head grouping. One SDPA call per sequence."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)

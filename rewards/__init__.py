@@ -1,0 +1,1 @@
+"""The method's shaped trajectory rewards and the two-stage curriculum."""

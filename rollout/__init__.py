@@ -1,0 +1,1 @@
+"""Rollouts: sampler, agent loop, environments, experts, trajectories."""
