@@ -1,0 +1,38 @@
+"""Argument checks shared by the Triton ops: a bad argument fails at the call, naming the argument and the
+value, instead of deep inside a kernel launch."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_float_tensor(op: str, name: str, t) -> None:
+    """t is a fp16/bf16/fp32 tensor on a device the kernels can run on."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+    if not t.is_cuda and not INTERPRETING:
+        raise ValueError(f"{op}: {name} is on {t.device}; the Triton kernels need a CUDA tensor "
+                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
+def check_like(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    """t is a tensor with ref's dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """t as a 2-D [rows, n_cols] tensor whose last dimension is unit-stride (a view when possible)."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), n_cols)
+    return t2 if t2.stride(-1) == 1 or n_cols <= 1 else t2.contiguous()
