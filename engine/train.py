@@ -1,0 +1,53 @@
+"""The engine's entry point for every phase:
+
+    torchrun --nproc_per_node=8 engine/train.py --config configs/sft.toml [--resume] [section.key=value ...]
+    python engine/train.py --config ...        (one process)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the installed package, not this file's siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from engine.distributed import init_runtime, shutdown  # noqa: E402
+from engine.train_config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Protégé engine: train (SFT now; RL next)")
+    parser.add_argument("--config", required=True, help="TOML or YAML file of the run's configuration")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("overrides", nargs="*", help="section.key=value settings that override the file")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        runtime = init_runtime(cfg.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from engine.sft import run_sft
+    try:
+        run_sft(cfg, runtime, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad configuration, data or checkpoint files (ConfigError and DataError are ValueErrors): their
+        # messages name the file, field and value; a traceback from deep inside would only hide that.
+        print(f"error (rank {runtime.rank}): {e}", file=sys.stderr)
+        return 1
+    shutdown(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gloo workers occasionally abort in it after a clean shutdown.
+    os._exit(code)
