@@ -1,0 +1,13 @@
+import re
+
+UNITS = {"h": 3600, "m": 60}
+
+
+def parse_duration(text):
+    """Seconds in a duration such as "1h30m"."""
+    total = 0
+    for amount, unit in re.findall(r"(\d+)([a-z]+)", text):
+        if unit not in UNITS:
+            raise ValueError(f"unknown unit {unit!r} in {text!r}")
+        total += int(amount) * UNITS[unit]
+    return total

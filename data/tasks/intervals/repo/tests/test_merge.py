@@ -1,0 +1,13 @@
+from intervals.merge import merge
+
+
+def test_sorted_overlapping():
+    assert merge([(1, 3), (2, 5), (7, 8)]) == [(1, 5), (7, 8)]
+
+
+def test_touching():
+    assert merge([(1, 2), (2, 3)]) == [(1, 3)]
+
+
+def test_empty():
+    assert merge([]) == []

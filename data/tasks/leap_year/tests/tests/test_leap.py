@@ -1,0 +1,23 @@
+from calendarx.leap import days_in_month, is_leap
+
+
+def test_common_years():
+    assert not is_leap(2023)
+    assert not is_leap(1900)
+
+
+def test_leap_year():
+    assert is_leap(2024)
+
+
+def test_month_lengths():
+    assert days_in_month(2023, 1) == 31
+    assert days_in_month(2023, 4) == 30
+    assert days_in_month(2023, 2) == 28
+def test_divisible_by_400():
+    assert is_leap(2000)
+    assert is_leap(2400)
+
+
+def test_february_2000():
+    assert days_in_month(2000, 2) == 29

@@ -1,0 +1,26 @@
+NUMERALS = [
+    (1000, "M"),
+    (900, "CM"),
+    (500, "D"),
+    (400, "CD"),
+    (100, "C"),
+    (90, "XC"),
+    (50, "L"),
+    (40, "XL"),
+    (10, "X"),
+    (9, "IX"),
+    (5, "V"),
+    (4, "IV"),
+    (1, "I"),
+]
+
+
+def to_roman(number):
+    """Roman numeral for 1 <= number <= 3999."""
+    if not 0 < number < 4000:
+        raise ValueError(f"{number} is out of range (1..3999)")
+    letters = []
+    for value, symbol in NUMERALS:
+        count, number = divmod(number, value)
+        letters.append(symbol * count)
+    return "".join(letters)

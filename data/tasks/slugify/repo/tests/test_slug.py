@@ -1,0 +1,10 @@
+from textutil.slug import slugify
+
+
+def test_simple():
+    assert slugify("Hello") == "hello"
+    assert slugify("a b") == "a-b"
+
+
+def test_digits():
+    assert slugify("Top 10") == "top-10"

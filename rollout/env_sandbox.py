@@ -1,0 +1,132 @@
+"""The local sandbox environment, for machines without Docker: a copy of the repository in a temporary
+workspace, every command run under bubblewrap (read-only system, writable workspace, private /tmp, no
+network, own PID namespace). Without a working bwrap it refuses to run anything: model-written commands
+never run unsandboxed. Commands use the host's tools (python3 and pytest on PATH)."""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, diff_script
+from rollout.tasks import Task, materialize_repo
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot create namespaces here."""
+
+
+@functools.cache
+def _check_bwrap() -> str:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable("bubblewrap (bwrap) is not installed; refusing to run model-written commands "
+                                 "unsandboxed (apt-get install bubblewrap, or use the Docker backend)")
+    probe = subprocess.run([bwrap, "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--dev", "/dev",
+                            "--proc", "/proc", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SandboxUnavailable(f"bubblewrap cannot create a sandbox here: {probe.stderr.strip()}")
+    return bwrap
+
+
+# The host's pytest plugins (hypothesis, ...) belong to the host, not to the task; loading them costs seconds.
+SANDBOX_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PAGER": "cat",
+               "GIT_PAGER": "cat", "TERM": "dumb", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+class SandboxEnvironment:
+    def __init__(self, task: Task, repos_dir: str | None = None, workdir: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, output_cap: int = DEFAULT_OUTPUT_CAP,
+                 env: dict[str, str] | None = None):
+        """repos_dir: where git clones of non-bundled tasks' repositories live, as owner__name.
+        env: the commands' environment variables (PATH is the host's)."""
+        self.bwrap = _check_bwrap()
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(SANDBOX_ENV if env is None else env)}
+        self.task = task
+        self.timeout = timeout
+        self.output_cap = output_cap
+        self.root = tempfile.mkdtemp(prefix="protege-ws-", dir=workdir)
+        self.repo_dir = os.path.join(os.path.realpath(self.root), "repo")
+        try:
+            if task.source is not None:
+                materialize_repo(task, self.repo_dir)
+            else:
+                self._clone(repos_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _clone(self, repos_dir: str | None) -> None:
+        source = os.path.join(repos_dir or "", self.task.repo.replace("/", "__"))
+        if repos_dir is None or not os.path.isdir(source):
+            raise FileNotFoundError(f"{self.task.instance_id}: no local clone of {self.task.repo} "
+                                    f"(looked for {source!r}; pass repos_dir)")
+        for args in (["clone", "-q", "--no-checkout", "--no-hardlinks", source, self.repo_dir],
+                     ["-C", self.repo_dir, "-c", "advice.detachedHead=false", "checkout", "-q",
+                      self.task.base_commit]):
+            proc = subprocess.run(["git", *args], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{self.task.instance_id}: git {args[0]} failed: {proc.stderr.strip()}")
+
+    def __enter__(self) -> "SandboxEnvironment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _argv(self, command: str) -> list[str]:
+        ws = self.repo_dir
+        return [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+                "--bind", ws, ws, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--die-with-parent", "--new-session", "--chdir", ws, "--clearenv",
+                *(arg for name, value in self.env.items() for arg in ("--setenv", name, value)),
+                "bash", "-c", command]
+
+    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        return self._run(command, self.timeout if timeout is None else timeout, self.output_cap)
+
+    def _run(self, command: str, timeout: float, cap: int | None) -> CommandResult:
+        if not os.path.isdir(self.repo_dir):
+            raise RuntimeError("the environment is closed")
+        # Own session: on timeout the whole group (bwrap and the sandbox's init) is killed, and the kernel
+        # then kills everything left in the sandbox's PID namespace.
+        proc = subprocess.Popen(self._argv(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        chunks = iter(lambda: proc.stdout.read1(65536), b"")
+        try:
+            out, timed_out = collect_output(chunks, cap, timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        finally:
+            proc.stdout.close()
+            proc.wait()
+        return CommandResult(out.text(), 124 if timed_out else proc.returncode, timed_out, out.truncated)
+
+    def _path(self, path: str) -> str:
+        """The real path of `path` (relative to the repository), which must lie inside the workspace."""
+        full = os.path.realpath(os.path.join(self.repo_dir, path))
+        if os.path.commonpath([full, self.repo_dir]) != self.repo_dir:
+            raise PermissionError(f"{path}: outside the workspace {self.repo_dir}")
+        return full
+
+    def read_file(self, path: str) -> str:
+        with open(self._path(path), "rb") as f:
+            return f.read().decode("utf-8")  # UnicodeDecodeError for binary files
+
+    def write_file(self, path: str, content: str) -> None:
+        full = self._path(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w", encoding="utf-8", newline="") as f:
+            f.write(content)
+
+    def diff(self) -> str:
+        # Inside the sandbox: the repository's git config is model-writable (core.fsmonitor runs commands).
+        result = self._run(diff_script(self.task.base_commit), 300, None)
+        if result.exit_code != 0:
+            raise RuntimeError(f"{self.task.instance_id}: git diff failed (exit {result.exit_code}): "
+                               f"{result.output[-2000:]}")
+        return result.output
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""The bubblewrap sandbox: commands, timeouts, files, diffs, and the escapes that must fail."""
+import os
+import socket
+import textwrap
+import time
+
+import pytest
+
+from rollout.environment import Environment
+from rollout.tasks import bundled_tasks
+from tests.docker_fixtures import scripted_leap_year_fix
+
+
+@pytest.fixture(scope="module")
+def task():
+    return next(t for t in bundled_tasks() if t.instance_id == "protege__leap_year-1")
+
+
+@pytest.fixture
+def env(task, sandbox_ready, tmp_path):
+    from rollout.env_sandbox import SandboxEnvironment
+    with SandboxEnvironment(task, workdir=str(tmp_path), timeout=30, output_cap=1000) as environment:
+        yield environment
+
+
+def _processes_with(marker: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_protocol_and_starting_state(env, task):
+    assert isinstance(env, Environment)
+    assert env.run("pwd").output.strip() == env.repo_dir
+    assert env.run("git rev-parse HEAD").output.strip() == task.base_commit
+    assert env.run("git status --porcelain").output == ""
+    assert env.diff() == ""
+
+
+def test_exit_codes_and_output_cap(env):
+    result = env.run("echo out; echo err >&2; exit 3")
+    assert (result.exit_code, result.timed_out, result.truncated) == (3, False, False)
+    assert set(result.output.split()) == {"out", "err"}
+    big = env.run("python3 -c \"print('a' * 5000 + 'END')\"")
+    assert big.truncated and big.exit_code == 0
+    assert big.output.startswith("a" * 500) and big.output.rstrip().endswith("END")
+    assert len(big.output) < 1100
+
+
+def test_hanging_command_is_killed_and_env_keeps_working(env):
+    marker = f"protege-hang-{os.getpid()}-{time.monotonic_ns()}"
+    start = time.monotonic()
+    result = env.run(f"echo started; sleep 100 & setsid sleep 101 & bash -c 'exec -a {marker} sleep 102'",
+                     timeout=1)
+    assert (result.exit_code, result.timed_out) == (124, True)
+    assert "started" in result.output
+    assert time.monotonic() - start < 20
+    # Everything the command started is gone, even what left its session.
+    time.sleep(0.2)
+    assert _processes_with(marker) == []
+    assert env.run("echo alive").output == "alive\n"
+
+
+def test_files_and_diff(env):
+    with pytest.raises(FileNotFoundError):
+        env.read_file("no/such/file.py")
+    with pytest.raises(IsADirectoryError):
+        env.read_file("calendarx")
+    env.write_file("notes/deep/new file.txt", "héllo\n")
+    assert env.read_file(os.path.join(env.repo_dir, "notes/deep/new file.txt")) == "héllo\n"
+    env.run("rm tests/test_leap.py && python3 -c 'import calendarx.leap' && mkdir -p calendarx/__pycache__ "
+            "&& touch calendarx/__pycache__/x.pyc")
+    env.write_file("calendarx/leap.py", env.read_file("calendarx/leap.py") + "# edited\n")
+    patch = env.diff()
+    assert env.run("git status --porcelain").output.split() == ["M", "calendarx/leap.py", "D", "tests/test_leap.py",
+                                                                "??", "notes/"]  # index untouched
+    assert "+héllo" in patch and "+# edited" in patch
+    assert "deleted file mode 100644" in patch and "__pycache__" not in patch
+    env.run("git stash -u -q")
+    env.write_file(".git/p.patch", patch)
+    assert env.run("git apply .git/p.patch").exit_code == 0
+    assert env.diff() == patch
+
+
+def test_writes_outside_the_workspace_fail(env, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("host\n")
+    for path in (str(outside), "../outside.txt", "/etc/protege-escape", "../../x"):
+        with pytest.raises(PermissionError):
+            env.write_file(path, "escaped")
+    env.run(f"ln -s {tmp_path} link")
+    with pytest.raises(PermissionError):
+        env.write_file("link/outside.txt", "escaped")
+    with pytest.raises(PermissionError):
+        env.read_file("link/outside.txt")
+    # Commands see a read-only system and a private /tmp (what they write there vanishes with them).
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = env.run(f"echo escaped > {outside}; echo escaped > /etc/protege-escape; "
+                     f"touch /root/protege-escape {project}/protege-escape")
+    assert result.output.count("Read-only file system") == 3, result.output
+    assert outside.read_text() == "host\n"
+    for path in ("/etc/protege-escape", "/root/protege-escape", f"{project}/protege-escape"):
+        assert not os.path.exists(path)
+
+
+def test_no_network(env):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        # The listener is reachable from this (unsandboxed) process...
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        env.write_file("probe.py", textwrap.dedent(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=2)
+                print("connected")
+            except OSError as e:
+                print("refused", type(e).__name__)
+        """))
+        out = env.run("python3 probe.py").output  # ...but not from the sandbox
+    assert out.startswith("refused"), out
+
+
+def test_refuses_without_bwrap(task, monkeypatch):
+    from rollout import env_sandbox
+    monkeypatch.setattr(env_sandbox.shutil, "which", lambda name: None)
+    env_sandbox._check_bwrap.cache_clear()
+    try:
+        with pytest.raises(env_sandbox.SandboxUnavailable, match="refusing to run model-written commands"):
+            env_sandbox.SandboxEnvironment(task)
+    finally:
+        env_sandbox._check_bwrap.cache_clear()
+
+
+def test_scripted_fix_resolves_end_to_end(task, sandbox_ready):
+    from rollout.env_sandbox import SandboxEnvironment
+    from rollout.evaluate import evaluate_patch
+    with SandboxEnvironment(task) as env:
+        patch = scripted_leap_year_fix(env, task)
+        workspace = env.repo_dir
+    assert not os.path.exists(workspace)  # closed on leaving the block
+    assert "tests/regression/test_2000.py" in patch
+    result = evaluate_patch(task, patch, backend="sandbox")
+    assert result.resolved, result.log_tail
