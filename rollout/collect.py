@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                      "(default: the checkpoint's, else the real Qwen2.5 one)")
     p.add_argument("--checkpoint", default=None, help="sampler policy: the model directory")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-turn-tokens", type=int, default=2048, help="sampler policy: tokens per assistant turn "
+                                                                   "at most (a longer turn ends the run as cut)")
     p.add_argument("--kv-cache-gb", type=float, default=4.0)
     args = p.parse_args(argv)
     if args.attempts < 1 or args.concurrency < 1:
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, device=device)
         sampler = Sampler(model, kv_cache_bytes=int(args.kv_cache_gb * 2 ** 30), eos_token_ids=tokenizer.eos_ids)
-        shared_policy = SamplerPolicy(sampler, SamplingParams(temperature=args.temperature))
+        shared_policy = SamplerPolicy(sampler, SamplingParams(temperature=args.temperature,
+                                                                   max_tokens=args.max_turn_tokens))
 
     jobs = [Job(task, shared_policy or ScriptedPolicy(gold_patch_steps(task, SCRIPTED_TEST_COMMAND)), attempt)
             for task in tasks for attempt in range(args.attempts)]

@@ -4,23 +4,10 @@ import torch
 
 from kernels import reference
 from kernels.ops.rms_norm import add_rms_norm_triton, rms_norm_triton
+from tests.numerics import assert_close_to_fp64
 
 EPS = 1e-6
 SHAPES = [(2, 8, 64), (37, 80)]  # a nice shape with leading dims, an odd one
-
-
-def assert_close_to_fp64(name, out, out_torch, ref):
-    """fp32: max error <= 1e-4 relative to the reference's scale. fp16/bf16: at most twice the error of the
-    same PyTorch computation at that dtype, plus a floor (far below an fp16 ulp; one bf16 ulp, as the
-    interpreter truncates fp32 -> bf16 casts) for when PyTorch happens to be exact."""
-    scale = ref.abs().max().item() or 1.0
-    err = (out.double() - ref).abs().max().item()
-    if out.dtype == torch.float32:
-        assert err <= 1e-4 * scale, f"{name}: error {err:.3g} vs fp64 exceeds 1e-4 x {scale:.3g}"
-        return
-    err_torch = (out_torch.double() - ref).abs().max().item()
-    floor = (2 ** -7 if out.dtype == torch.bfloat16 else 1e-5) * scale
-    assert err <= 2 * err_torch + floor, f"{name}: error {err:.3g} vs fp64, PyTorch {out.dtype} {err_torch:.3g}"
 
 
 def rms_norm_fp64(x, weight, eps):
