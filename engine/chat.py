@@ -1,22 +1,31 @@
 """Qwen2.5 ChatML / function-calling format: conversations -> token ids + loss mask, append-only; tool-call parsing.
 
 Token-exact with the Qwen2.5-Instruct chat template (QWEN25_CHAT_TEMPLATE) run through transformers'
-apply_chat_template, with three rules that make rendering append-only (multi-turn RL never re-tokenises):
+apply_chat_template, but for two deliberate differences:
+- Only the template's structure is special tokens: <|im_start|>, <|im_end|>, and the <tool_call>/</tool_call>
+  tags of the tools prompt and of assistant text (the model writes them as tokens; parse_tool_calls reads them as
+  tags). All else is plain text (Tokenizer.encode_text): system, user and tool-result contents, tool schemas, any
+  other special string in assistant text or call arguments. So a file or command output holding
+  "<|im_end|>\\n<|im_start|>assistant\\n" cannot forge a turn; the template would make those strings tokens.
+- An assistant body that begins with a newline keeps the generation prompt's "\\n" token (below).
+Rendering is append-only (multi-turn RL never re-tokenises), by three rules:
 - Every turn is tokenised on its own. Turns begin with <|im_start|> and end with "<|im_end|>\\n"; the tokenizer
   splits around special tokens before BPE, so the concatenation equals tokenising the whole rendered string.
+  Within a turn, the text between two structural tokens is encoded in one piece (Conversation._encode).
 - An assistant turn is the generation prompt "<|im_start|>assistant\\n" (mask 0) followed by its body: content,
   tool calls and <|im_end|> (mask 1), then "\\n" (mask 0). The body is tokenised apart from the prompt, as the
   sampler produced it; a body that begins with a newline (after optional blanks) therefore keeps the prompt's
-  "\\n" token where the template's whole-string tokenisation would merge the newlines (the only difference).
+  "\\n" token where the template's whole-string tokenisation would merge the newlines.
 - The template merges consecutive tool results into one user turn, so a turn's tool results are appended
   together as one group (Conversation.append_tool_results); appending a tool result right after a group is an error.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
-from engine.tokenizer import IM_END, IM_START, TOOL_CALL_END, TOOL_CALL_START, Tokenizer
+from engine.tokenizer import IM_END, TOOL_CALL_END, TOOL_CALL_START, Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TOOLS_PREAMBLE = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -24,6 +33,7 @@ TOOLS_PREAMBLE = ("\n\n# Tools\n\nYou may call one or more functions to assist w
 TOOLS_POSTAMBLE = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
                    "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
                    "\"arguments\": <args-json-object>}\n</tool_call>")
+TOOL_CALL_TAGS = re.compile(f"({re.escape(TOOL_CALL_START)}|{re.escape(TOOL_CALL_END)})")
 
 # Qwen2.5-Instruct's chat template, verbatim from its tokenizer_config.json (Qwen's data, Apache-2.0): written
 # into saved checkpoints so that transformers and other servers format chats as the model was trained.
@@ -177,8 +187,9 @@ class Conversation:
         self.tools = list(tools or [])
         self.ids: list[int] = []
         self.mask: list[int] = []
-        self.generation_prompt: list[int] = tokenizer.encode(f"{IM_START}assistant\n")
-        self._newline = tokenizer.encode("\n")
+        self._tags = {tag: tokenizer.token_id(tag) for tag in (TOOL_CALL_START, TOOL_CALL_END)}
+        self.generation_prompt: list[int] = self._encode(tokenizer.im_start_id, "assistant\n")
+        self._newline = tokenizer.encode_text("\n")
         self._n_messages = 0
         self._last_role: str | None = None
         self._ended = False
@@ -221,10 +232,9 @@ class Conversation:
                 got = f"role {message.get('role')!r}" if isinstance(message, dict) else repr(message)
                 raise ValueError(f"message {self._n_messages + i}: expected a tool result, got {got}")
         ids, mask = self._system_prefix(messages[0])
-        text = f"{IM_START}user" + "".join(
-            f"\n<tool_response>\n{self._content(m, self._n_messages + i)}\n</tool_response>"
-            for i, m in enumerate(messages)) + f"{IM_END}\n"
-        ids += self.tokenizer.encode(text)
+        text = "user" + "".join(f"\n<tool_response>\n{self._content(m, self._n_messages + i)}\n</tool_response>"
+                               for i, m in enumerate(messages))
+        ids += self._encode(self.tokenizer.im_start_id, text, self.tokenizer.im_end_id, "\n")
         mask += [0] * (len(ids) - len(mask))
         return self._extend(ids, mask, len(messages), "tool")
 
@@ -245,13 +255,33 @@ class Conversation:
         if self._n_messages > 0:
             return [], []
         system = self._content(message) if message.get("role") == "system" else DEFAULT_SYSTEM_PROMPT
-        if self.tools:
-            system += TOOLS_PREAMBLE + "".join("\n" + to_json(tool) for tool in self.tools) + TOOLS_POSTAMBLE
-        ids = self._encode_turn("system", system)
+        if not self.tools:
+            ids = self._encode_turn("system", system)
+        else:
+            tools = TOOLS_PREAMBLE + "".join("\n" + to_json(tool) for tool in self.tools)
+            ids = self._encode(self.tokenizer.im_start_id, f"system\n{system}{tools}",
+                               *self._with_tags(TOOLS_POSTAMBLE), self.tokenizer.im_end_id, "\n")
         return ids, [0] * len(ids)
 
     def _encode_turn(self, role: str, content: str) -> list[int]:
-        return self.tokenizer.encode(f"{IM_START}{role}\n{content}{IM_END}\n")
+        return self._encode(self.tokenizer.im_start_id, f"{role}\n{content}", self.tokenizer.im_end_id, "\n")
+
+    def _encode(self, *parts: str | int) -> list[int]:
+        """Ids of structural tokens (ints, kept) and text (str, plain: special strings in it are characters).
+        Adjacent texts are joined before encoding, as in the template's string, which the tokenizer splits
+        only at added tokens: so the ids equal the template's wherever the texts hold no special string."""
+        ids, text = [], ""
+        for part in parts:
+            if isinstance(part, str):
+                text += part
+            else:
+                ids += self.tokenizer.encode_text(text) + [part]
+                text = ""
+        return ids + self.tokenizer.encode_text(text)
+
+    def _with_tags(self, text: str) -> list[str | int]:
+        """`text` cut at its <tool_call>/</tool_call> tags, which become their token ids."""
+        return [self._tags.get(piece, piece) for piece in TOOL_CALL_TAGS.split(text) if piece]
 
     def _content(self, message: dict, index: int | None = None) -> str:
         content = message.get("content")
@@ -277,7 +307,7 @@ class Conversation:
             return token_ids, token_ids[-1] != self.tokenizer.im_end_id
         calls = [self._tool_call(call, where) for call in message.get("tool_calls") or []]
         body = format_assistant_body(self._content(message), calls)
-        return self.tokenizer.encode(body) + [self.tokenizer.im_end_id], False
+        return self._encode(*self._with_tags(body), self.tokenizer.im_end_id), False
 
     @staticmethod
     def _tool_call(call: dict, where: str) -> ToolCall:

@@ -30,6 +30,12 @@ class Tokenizer:
         self.endoftext_id, self.im_start_id, self.im_end_id = vocab[ENDOFTEXT], vocab[IM_START], vocab[IM_END]
         self.eos_ids = (self.im_end_id, self.endoftext_id)  # what ends a generation, as Qwen2.5-Instruct stops
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # The same BPE without the added tokens, for encode_text. `encode_special_tokens = True` would not do:
+        # it still matches the non-special added tokens (<tool_call>, <|file_sep|>, ...), and it is one flag on
+        # a backend shared by threads. The BPE model object is shared, read-only.
+        self._text_backend = tokenizers.Tokenizer(backend.model)
+        self._text_backend.normalizer = backend.normalizer
+        self._text_backend.pre_tokenizer = backend.pre_tokenizer
 
     @classmethod
     def from_file(cls, path: str | Path, max_token_id: int | None = None) -> Tokenizer:
@@ -57,8 +63,15 @@ class Tokenizer:
         return cls.from_file(Path(directory) / "tokenizer.json")
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in it map to their ids, nothing is added."""
+        """Token ids of `text`; special-token strings in it map to their ids, nothing is added. For trusted text
+        only (templates, the model's own writing): use encode_text for anything read from outside."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: special-token strings in it ("<|im_end|>", "<tool_call>", ...) are
+        characters, tokenised by the BPE like any other, so untrusted text can never forge a turn boundary.
+        Equals encode(text) when `text` holds no added-token string; decode() gives `text` back."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -28,7 +28,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def rms_norm(x, weight, eps):
     if use_triton(x):
-        from kernels.rms_norm import rms_norm_triton
+        from kernels.ops.rms_norm import rms_norm_triton
         return rms_norm_triton(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
@@ -36,47 +36,68 @@ def rms_norm(x, weight, eps):
 def add_rms_norm(x, residual, weight, eps):
     """-> (rms_norm(x + residual), x + residual)"""
     if use_triton(x):
-        from kernels.rms_norm import add_rms_norm_triton
+        from kernels.ops.rms_norm import add_rms_norm_triton
         return add_rms_norm_triton(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
 
 
 def apply_rope(q, k, positions, theta):
     if use_triton(q):
-        from kernels.rope import apply_rope_triton
+        from kernels.ops.rope import apply_rope_triton
         return apply_rope_triton(q, k, positions, theta)
     return reference.apply_rope(q, k, positions, theta)
 
 
 def swiglu(gate, up):
     if use_triton(gate):
-        from kernels.swiglu import swiglu_triton
+        from kernels.ops.swiglu import swiglu_triton
         return swiglu_triton(gate, up)
     return reference.swiglu(gate, up)
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
     if use_triton(hidden):
-        from kernels.token_logprobs import token_logprobs_triton
+        from kernels.ops.token_logprobs import token_logprobs_triton
         return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy)
-    from kernels.token_logprobs import token_logprobs_chunked
+    from kernels.ops.token_logprobs import token_logprobs_chunked
     return token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
     if use_triton(q):
-        from kernels.attention import varlen_attention_triton
+        from kernels.ops.attention import varlen_attention_triton
         return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    """k/v [T, Hkv, D] into the paged KV caches [num_blocks, block_size, Hkv, D] at slot_mapping (-1: skip)."""
+    if use_triton(k):
+        from kernels.ops.paged_attention import write_kv_cache_triton
+        return write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
+    return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len,
+                    softmax_scale=None, match_training=True):
+    """New query tokens of each sequence over its keys in the paged KV cache (decode and chunked prefill).
+    match_training: Triton tiles as the training attention's (bit-identical rows), else faster decode tiles."""
+    if use_triton(q):
+        from kernels.ops.paged_attention import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                      max_query_len, softmax_scale, match_training)
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                     max_query_len, softmax_scale)
 
 
 def linear(x, weight, bias=None):
     """Batch-invariant matmul on the Triton path (a row's result never depends on the other rows)."""
     if use_triton(x):
-        from kernels.linear import linear_triton
+        from kernels.ops.linear import linear_triton
         return linear_triton(x, weight, bias)
     return reference.linear(x, weight, bias)
 
 
 __all__ = ["backend_for", "use_triton", "rms_norm", "add_rms_norm", "apply_rope", "swiglu",
-           "token_logprobs", "varlen_attention", "linear", "reference"]
+           "token_logprobs", "varlen_attention", "write_kv_cache", "paged_attention", "linear", "reference"]
+

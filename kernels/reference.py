@@ -49,9 +49,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    temperature: float = 1.0, return_entropy: bool = False):
-    """log p(targets[t]) under softmax(hidden[t] @ weight.T / temperature), in fp32, materialising the
-    full [T, V] logits (the oracle; the fused op never does). Optionally the entropy of each row."""
-    logits = (hidden @ weight.t()).float() / temperature
+    """log p(targets[t]) under softmax(hidden[t] @ weight.T / temperature), in fp32 (fp64 for fp64 inputs),
+    materialising the full [T, V] logits (the oracle; the fused op never does). Optionally the entropy."""
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
     logp = torch.log_softmax(logits, dim=-1)
     out = logp.gather(-1, targets.long()[:, None]).squeeze(-1)
     if not return_entropy:
@@ -79,3 +79,50 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, weight, bias)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    """k/v [T, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [T]
+    (slot = block * block_size + offset; -1: already cached, skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len=None,
+                    softmax_scale=None):
+    """The new query tokens q [T, Hq, D] of each sequence (rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the last
+    positions of its context_lens[b] tokens) attend causally to the sequence's keys in the paged cache.
+    Sequences with one new token (decode) go through one batched SDPA call, the others one call each."""
+    hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
+    block_size = k_cache.shape[1]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    out = torch.empty_like(q)
+    bounds, contexts = cu_seqlens_q.tolist(), context_lens.tolist()
+
+    def gather(cache, tables, n_keys):  # [B, blocks] -> [B, Hkv, n_keys, D]
+        return cache[tables].flatten(1, 2)[:, :n_keys].permute(0, 2, 1, 3)
+
+    decode = [b for b in range(len(contexts)) if bounds[b + 1] - bounds[b] == 1]
+    if decode:
+        rows = torch.tensor([bounds[b] for b in decode], device=q.device)
+        ctx = torch.tensor([contexts[b] for b in decode], device=q.device)
+        n_keys = int(ctx.max())
+        tables = block_tables[torch.tensor(decode, device=q.device), :(n_keys + block_size - 1) // block_size]
+        visible = torch.arange(n_keys, device=q.device)[None, :] < ctx[:, None]
+        o = F.scaled_dot_product_attention(q[rows][:, :, None], gather(k_cache, tables.long(), n_keys),
+                                           gather(v_cache, tables.long(), n_keys), attn_mask=visible[:, None, None],
+                                           scale=scale, enable_gqa=hq != hkv)
+        out[rows] = o[:, :, 0]
+    for b, (start, end, ctx) in enumerate(zip(bounds[:-1], bounds[1:], contexts)):
+        if end - start <= 1:
+            continue
+        tables = block_tables[b:b + 1, :(ctx + block_size - 1) // block_size].long()
+        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
+        visible = q_pos[:, None] >= torch.arange(ctx, device=q.device)[None, :]
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], gather(k_cache, tables, ctx),
+                                           gather(v_cache, tables, ctx), attn_mask=visible, scale=scale,
+                                           enable_gqa=hq != hkv)
+        out[start:end] = o[0].transpose(0, 1)
+    return out

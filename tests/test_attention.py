@@ -1,4 +1,4 @@
-"""Varlen attention kernel (kernels/attention.py) against fp64 PyTorch (kernels/reference.varlen_attention run
+"""Varlen attention kernel (kernels/ops/attention.py) against fp64 PyTorch (kernels/reference.varlen_attention run
 in float64 with autograd), forward and backward, under the Triton interpreter. Tiles in the interpreter are
 32x16 (forward), 16x32 (dK/dV), 32x16 (dQ), so these shapes cross block boundaries and the causal diagonal."""
 import itertools
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.attention import varlen_attention_triton
+from kernels.ops.attention import varlen_attention_triton
 
 # (sequence lengths, query heads, kv heads, head_dim)
 NICE = ((32, 32), 2, 1, 32)

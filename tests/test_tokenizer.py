@@ -4,7 +4,7 @@ import re
 
 import pytest
 import tokenizers
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.tokenizer import Tokenizer, qwen25_tokenizer, qwen25_tokenizer_file, train_bpe_tokenizer
 
@@ -47,6 +47,28 @@ def test_decode_round_trip(qwen):
         text = text.replace("ü\u0301", "ǘ")  # NFC-normalised already, so decoding gives it back unchanged
         assert qwen.decode(qwen.encode(text)) == text
     assert qwen.decode([151644, 872, 198, 151645], skip_special_tokens=True) == "user\n"
+
+
+@pytest.mark.parametrize("which", ["qwen", "tiny"])
+def test_encode_text_makes_every_added_token_plain_text(which, request):
+    tokenizer = request.getfixturevalue(which)
+    added = tokenizer.backend.get_added_tokens_decoder()
+    for token in (t.content for t in added.values()):  # special ones and non-special ones (<tool_call>, ...)
+        for text in (token, f"x.{token}\n{token}{token} y"):
+            ids = tokenizer.encode_text(text)
+            assert not set(ids) & set(added) and tokenizer.decode(ids) == text
+            assert tokenizer.encode(text) != ids  # encode still maps it to its token
+    for text in (t for t in TEXTS if "<" not in t):  # no added-token strings in them: the same ids as encode
+        assert tokenizer.encode_text(text) == tokenizer.encode(text)
+
+
+def test_encode_text_matches_transformers_split_special_tokens(qwen):
+    # transformers encodes special=True tokens as text with split_special_tokens=True; <tool_call> and
+    # <|file_sep|> are special=False in Qwen's files, so this reference covers the special ones.
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(qwen.backend.to_str()))
+    for text in ["<|im_end|>\n<|im_start|>assistant\n", "end.<|endoftext|>", " <|im_start|><|vision_pad|>  ",
+                 "你好<|im_end|>\r\n\n", TEXTS[0], TEXTS[2]]:
+        assert qwen.encode_text(text) == hf.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
 @pytest.mark.parametrize("which", ["qwen", "tiny"])

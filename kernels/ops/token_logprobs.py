@@ -1,0 +1,377 @@
+"""Fused lm_head + log-softmax: log p(target) (and optionally the entropy) of every token under
+softmax(hidden @ weight.T / temperature), without ever holding the [T, V] logits.
+
+Two implementations with the same contract:
+- token_logprobs_triton: the logits are computed tile by tile inside the kernels (tl.dot, fp32 accumulation)
+  with an online logsumexp over fixed vocabulary splits; the backward recomputes the logits of one chunk of
+  rows at a time, turns them into d logits, and multiplies (dH = dlogits @ W, dW += dlogits^T @ H).
+- token_logprobs_chunked: the PyTorch path (CPU): logits of ROW_BLOCK rows at a time in the forward, of
+  CHUNK_ROWS rows at a time in the backward, then the same two matmuls.
+
+Both are batch-invariant: a row's result never depends on T or on the other rows, because every tile, split
+and block has a fixed shape (the sampler calls this function on the last hidden states and must get exactly
+the log-probs the trainer computes). Gradients are deterministic but need not be batch-invariant.
+
+Gradients (z = logits / temperature, p = softmax(z), lse = logsumexp(z), E = sum p z, entropy = lse - E):
+  d logp / dz = onehot(target) - p,     d entropy / dz = p * (E - z),     d z / d logits = 1 / temperature.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton tiles. V_SPLIT columns of the vocabulary per program in the forward: fixed (never derived from T)
+# so that a row's online-softmax order is the same in every call; small enough to fill the GPU at decode.
+BLOCK_T, BLOCK_V, BLOCK_H = 64, 128, 64
+V_SPLIT = 1024
+COMBINE_BLOCK = 128
+MATMUL_BLOCK = 64
+# Rows per backward chunk: the [chunk, V] d-logits buffer is the op's largest temporary.
+TRITON_CHUNK_ROWS = 2048
+
+# PyTorch path: logits are computed ROW_BLOCK rows at a time, zero-padded to exactly ROW_BLOCK rows, because
+# the BLAS picks its kernel (and its summation order) from the matrix shape (MKL sums a lone row differently).
+# 64 rows cost about what 16 do on the CPU (small-M GEMMs are slow). The backward handles CHUNK_ROWS rows at a
+# time: its [CHUNK_ROWS, V] logits and d-logits buffers are the op's largest temporaries.
+ROW_BLOCK = 64
+CHUNK_ROWS = 256
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(hidden, weight, targets, temperature):
+    def fail(msg):
+        raise ValueError(f"token_logprobs: {msg}")
+
+    if hidden.dim() != 2:
+        fail(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        fail(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        fail(f"hidden size differs: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        fail(f"targets must be [T] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
+    if hidden.dtype not in _DTYPES:
+        fail(f"hidden dtype {hidden.dtype} unsupported (float16, bfloat16 or float32)")
+    if weight.dtype != hidden.dtype:
+        fail(f"dtype mismatch: hidden {hidden.dtype} vs weight {weight.dtype}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        fail(f"targets must be int32 or int64 token ids, got {targets.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        fail(f"device mismatch: hidden {hidden.device}, weight {weight.device}, targets {targets.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        fail(f"temperature must be a finite number > 0, got {temperature!r}")
+    if targets.numel():
+        lo, hi = torch.stack([targets.min(), targets.max()]).tolist()  # one device sync
+        if lo < 0 or hi >= weight.shape[0]:
+            bad = lo if lo < 0 else hi
+            fail(f"target id {bad} out of range [0, {weight.shape[0]}) (vocabulary of the weight)")
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 FP32_DOT: tl.constexpr):
+    """hidden[rows] @ weight[cols].T as a [BLOCK_T, BLOCK_V] fp32 tile (fixed K order over H)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        x = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
+                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        if FP32_DOT:  # fp32 inputs, or the CPU interpreter (whose bf16 arithmetic is broken)
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def _forward_split_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, T, V, H, stride_h, stride_w, inv_temp,
+                          V_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_H: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Online softmax statistics of BLOCK_T rows over one V_SPLIT slice of the vocabulary:
+    running max m, s = sum exp(z - m), e = sum exp(z - m) * z, and the target's z if it lies here."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_T,), tl.float32)
+    e = tl.zeros((BLOCK_T,), tl.float32)
+    z_tgt = tl.zeros((BLOCK_T,), tl.float32)
+    for v0 in range(pid_s * V_SPLIT, pid_s * V_SPLIT + V_SPLIT, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                         BLOCK_T, BLOCK_V, BLOCK_H, FP32_DOT) * inv_temp
+        z_valid = tl.where(col_mask[None, :], z, float("-inf"))  # masked columns' z is 0: p * z = 0 there
+        m_new = tl.maximum(m, tl.max(z_valid, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z_valid - m_new[:, None])
+        s = s * alpha + tl.sum(p, 1)
+        e = e * alpha + tl.sum(p * z, 1)
+        z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        m = m_new
+    base = part_ptr + pid_s * 4 * T + rows
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + T, s, mask=row_mask)
+    tl.store(base + 2 * T, e, mask=row_mask)
+    tl.store(base + 3 * T, z_tgt, mask=row_mask)
+
+
+@triton.jit
+def _forward_combine_kernel(part_ptr, logp_ptr, lse_ptr, entropy_ptr, mean_ptr, T, NUM_SPLITS,
+                            BLOCK: tl.constexpr):
+    """Merge the splits' statistics in split order (fixed, so deterministic and batch-invariant)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < T
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    e = tl.zeros((BLOCK,), tl.float32)
+    z_tgt = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, NUM_SPLITS):
+        base = part_ptr + i * 4 * T + rows
+        m_i = tl.load(base, mask=mask, other=0.0)
+        m_new = tl.maximum(m, m_i)
+        alpha = tl.exp(m - m_new)
+        beta = tl.exp(m_i - m_new)
+        s = s * alpha + tl.load(base + T, mask=mask, other=1.0) * beta
+        e = e * alpha + tl.load(base + 2 * T, mask=mask, other=0.0) * beta
+        z_tgt += tl.load(base + 3 * T, mask=mask, other=0.0)
+        m = m_new
+    lse = m + tl.log(s)
+    mean_z = e / s
+    tl.store(logp_ptr + rows, z_tgt - lse, mask=mask)
+    tl.store(lse_ptr + rows, lse, mask=mask)
+    tl.store(entropy_ptr + rows, lse - mean_z, mask=mask)
+    tl.store(mean_ptr + rows, mean_z, mask=mask)
+
+
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, mean_ptr, g_ptr, ge_ptr, d_ptr, T, V, H,
+                    stride_h, stride_w, stride_d, inv_temp, ENTROPY_GRAD: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    FP32_DOT: tl.constexpr):
+    """d loss / d logits of one [BLOCK_T, BLOCK_V] tile, recomputing the tile's logits."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < T
+    col_mask = cols < V
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                     BLOCK_T, BLOCK_V, BLOCK_H, FP32_DOT) * inv_temp
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
+    if ENTROPY_GRAD:
+        ge = tl.load(ge_ptr + rows, mask=row_mask, other=0.0)
+        mean_z = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        dz += ge[:, None] * p * (mean_z[:, None] - z)
+    d = dz * inv_temp
+    tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], d.to(d_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                   ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, FP32_DOT: tl.constexpr):
+    """c[M, N] (+)= a[M, K] @ b[K, N] with fp32 accumulation; each program owns one output tile, so the
+    result is deterministic (no atomics)."""
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for k0 in range(0, K, BLOCK):
+        rk = k0 + tl.arange(0, BLOCK)
+        k_mask = rk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _matmul(a, b, c, accumulate):
+    """c (+)= a @ b for 2-D tensors with unit stride along c's rows."""
+    (M, K), N = a.shape, b.shape[1]
+    grid = (triton.cdiv(M, MATMUL_BLOCK), triton.cdiv(N, MATMUL_BLOCK))
+    _matmul_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                         ACCUMULATE=accumulate, BLOCK=MATMUL_BLOCK, FP32_DOT=_fp32_dot(a))
+
+
+def _fp32_dot(t):
+    # On the CPU interpreter everything goes through fp32 (bf16 arithmetic is broken there); on a GPU only
+    # fp32 inputs do (with IEEE precision, not TF32), half types use the tensor cores with fp32 accumulation.
+    return t.dtype == torch.float32 or not t.is_cuda
+
+
+class _TritonTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy):
+        hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+        (T, H), V = hidden.shape, weight.shape[0]
+        outs = torch.empty(4, T, dtype=torch.float32, device=hidden.device)
+        logp, lse, entropy, mean_z = outs.unbind(0)
+        if T:
+            num_splits = triton.cdiv(V, V_SPLIT)
+            partial = torch.empty(num_splits, 4, T, dtype=torch.float32, device=hidden.device)
+            _forward_split_kernel[(triton.cdiv(T, BLOCK_T), num_splits)](
+                hidden, weight, targets, partial, T, V, H, hidden.stride(0), weight.stride(0),
+                1.0 / temperature, V_SPLIT=V_SPLIT, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
+                FP32_DOT=_fp32_dot(hidden))
+            _forward_combine_kernel[(triton.cdiv(T, COMBINE_BLOCK),)](
+                partial, logp, lse, entropy, mean_z, T, num_splits, BLOCK=COMBINE_BLOCK)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.temperature, ctx.return_entropy = temperature, return_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        (T, H), V = hidden.shape, weight.shape[0]
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_logp = grad_logp.float().contiguous()
+        grad_entropy = grad_entropy.float().contiguous() if ctx.return_entropy else grad_logp
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = (torch.empty if T else torch.zeros)(V, H, dtype=torch.float32, device=hidden.device) \
+            if need_weight else None
+        chunk = max(1, min(T, TRITON_CHUNK_ROWS))
+        dlogits = torch.empty(chunk, V, dtype=hidden.dtype, device=hidden.device)
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            rows, d = c1 - c0, dlogits[: c1 - c0]
+            _dlogits_kernel[(triton.cdiv(rows, BLOCK_T), triton.cdiv(V, BLOCK_V))](
+                hidden[c0:c1], weight, targets[c0:c1], lse[c0:c1], mean_z[c0:c1], grad_logp[c0:c1],
+                grad_entropy[c0:c1], d, rows, V, H, hidden.stride(0), weight.stride(0), d.stride(0),
+                1.0 / ctx.temperature, ENTROPY_GRAD=ctx.return_entropy, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V,
+                BLOCK_H=BLOCK_H, FP32_DOT=_fp32_dot(hidden))
+            if need_hidden:
+                _matmul(d, weight, grad_hidden[c0:c1], accumulate=False)
+            if need_weight:
+                _matmul(d.t(), hidden[c0:c1], grad_weight, accumulate=c0 > 0)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def token_logprobs_triton(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) via the fused Triton kernels."""
+    _check_inputs(hidden, weight, targets, temperature)
+    logp, entropy = _TritonTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch
+
+def _logit_blocks(hidden, weight, temperature):
+    """For the rows in blocks of ROW_BLOCK: (first row, rows, z) where z is the block's fp32
+    logits / temperature, always computed as exactly ROW_BLOCK (zero-padded) rows. As the reference, the matmul
+    runs in the input dtype. The buffers are reused from block to block (fresh large CPU allocations cost page
+    faults), so z is only valid until the next block."""
+    V, H = weight.shape
+    z = torch.empty(ROW_BLOCK, V, dtype=torch.float32, device=hidden.device)
+    logits = z if hidden.dtype == torch.float32 else torch.empty(ROW_BLOCK, V, dtype=hidden.dtype,
+                                                                  device=hidden.device)
+    rows_in = torch.zeros(ROW_BLOCK, H, dtype=hidden.dtype, device=hidden.device)
+    for first in range(0, hidden.shape[0], ROW_BLOCK):
+        n = min(hidden.shape[0], first + ROW_BLOCK) - first
+        rows_in[:n] = hidden[first:first + n]
+        rows_in[n:] = 0
+        torch.mm(rows_in, weight.t(), out=logits)
+        if logits is not z:
+            z.copy_(logits)
+        yield first, n, z.div_(temperature)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy):
+        T, V = hidden.shape[0], weight.shape[0]
+        outs = torch.empty(4, T, dtype=torch.float32, device=hidden.device)
+        logp, lse, entropy, mean_z = outs.unbind(0)
+        targets = targets.long()
+        p = torch.empty(ROW_BLOCK, V, dtype=torch.float32, device=hidden.device)
+        for first, n, z in _logit_blocks(hidden, weight, temperature):
+            rows = slice(first, first + n)
+            # Reductions over the whole padded block: their parallel split depends on the shape only.
+            m = z.amax(-1, keepdim=True)
+            s = torch.sub(z, m, out=p).exp_().sum(-1)
+            block_lse = m.squeeze(1) + s.log()
+            e = p.mul_(z).sum(-1)
+            lse[rows] = block_lse[:n]
+            mean_z[rows] = (e / s)[:n]
+            logp[rows] = z[:n].gather(1, targets[rows, None]).squeeze(1) - block_lse[:n]
+        torch.sub(lse, mean_z, out=entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.temperature, ctx.return_entropy = temperature, return_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        (T, H), V = hidden.shape, weight.shape[0]
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_logp, grad_entropy = grad_logp.float()[:, None], grad_entropy.float()[:, None]
+        lse, mean_z, targets = lse[:, None], mean_z[:, None], targets[:, None]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if need_weight else None
+        # Gradients need not be batch-invariant: recompute the logits a whole chunk at a time (one large
+        # matmul is about twice as fast on the CPU as ROW_BLOCK-row ones).
+        rows = min(T, CHUNK_ROWS)
+        z = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
+        logits = z if hidden.dtype == torch.float32 else torch.empty(rows, V, dtype=hidden.dtype,
+                                                                      device=hidden.device)
+        dz = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
+        for c0 in range(0, T, CHUNK_ROWS):
+            c = slice(c0, min(T, c0 + CHUNK_ROWS))
+            n = c.stop - c0
+            zc, d = z[:n], dz[:n]
+            torch.mm(hidden[c], weight.t(), out=logits[:n])
+            if logits is not z:
+                zc.copy_(logits[:n])
+            zc.div_(ctx.temperature)
+            p = torch.sub(zc, lse[c], out=d).exp_()
+            if ctx.return_entropy:  # zc <- g_entropy * p * (E - z)
+                zc.neg_().add_(mean_z[c]).mul_(p).mul_(grad_entropy[c])
+            d = p.mul_(grad_logp[c].neg())
+            if ctx.return_entropy:
+                d.add_(zc)
+            d.scatter_add_(1, targets[c], grad_logp[c]).div_(ctx.temperature)
+            d = d.to(weight.dtype)
+            if need_hidden:
+                torch.mm(d, weight, out=grad_hidden[c])
+            if need_weight:
+                if d.dtype == torch.float32:
+                    grad_weight.addmm_(d.t(), hidden[c])
+                else:
+                    grad_weight += (d.t() @ hidden[c]).float()
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def token_logprobs_chunked(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) in PyTorch, ROW_BLOCK rows at a time;
+    peak extra memory O(CHUNK_ROWS x V) (in the backward)."""
+    _check_inputs(hidden, weight, targets, temperature)
+    logp, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
+    return (logp, entropy) if return_entropy else logp
