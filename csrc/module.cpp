@@ -4,8 +4,10 @@
 namespace py = pybind11;
 
 void bind_packer(py::module_& m);
+void bind_block_manager(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Protégé engine native code (sequence packer, KV block manager).";
   bind_packer(m);
+  bind_block_manager(m);
 }

@@ -1,0 +1,304 @@
+"""The sampler: generates completions with the training model itself over a paged KV cache.
+
+Batch interface: generate(prompts, params) -> one Completion per prompt (a list of n with params.n > 1).
+Incremental interface (agent loops): add_request(prompt_ids, params) -> request id; step() advances every
+running sequence by one scheduler step and returns the requests that finished in it.
+
+Between rollout and training phases, release() frees the KV pool (it is rebuilt on the next request), and
+new_weight_version() drops the prefix cache, whose KV the old weights computed.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from engine import _C
+from rollout.kv_cache import KVCache, bytes_per_block
+from rollout.model_runner import ModelRunner
+from rollout.sampling import SamplingParams, sample_tokens
+from rollout.scheduler import Scheduler
+from rollout.sequence import Completion, RequestOutput, Sequence, Status
+
+
+@dataclass
+class SamplerStats:
+    prompt_tokens: int = 0           # prompt tokens submitted (once per request, whatever n)
+    cached_tokens: int = 0           # tokens whose KV came from the prefix cache instead of being computed
+    computed_tokens: int = 0         # tokens run through the model (prefill, decode and recomputation)
+    prompt_tokens_computed: int = 0  # of those, prompt positions
+    generated_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    host_seconds: float = 0.0        # scheduling, input building, bookkeeping (outside model and sampling ops)
+    device_seconds: float = 0.0      # model forward and sampling ops, until the tokens are on the host
+    blocks_in_use: int = 0
+    peak_blocks_in_use: int = 0
+
+    @property
+    def host_ms_per_step(self) -> float:
+        return 1e3 * self.host_seconds / max(1, self.steps)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    completions: list[Completion | None]
+
+
+class Sampler:
+    def __init__(self, model, *, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+                 max_model_len: int | None = None, eos_token_ids=None, tokenizer=None, seed: int = 0,
+                 cuda_graph_sizes: tuple[int, ...] | None = None):
+        """model: engine.model.Qwen2ForCausalLM. The KV pool holds num_blocks blocks of block_size tokens, or
+        as many as fit in kv_cache_bytes. eos_token_ids default to the model config's; tokenizer (with
+        .decode(ids)) is needed only for stop strings. cuda_graph_sizes: decode batch sizes captured as CUDA
+        graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables)."""
+        if (num_blocks is None) == (kv_cache_bytes is None):
+            raise ValueError("Sampler: give exactly one of num_blocks and kv_cache_bytes (the KV pool size)")
+        self.model, self.config = model, model.config
+        weight = model.lm_head_weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks if num_blocks is not None else \
+            int(kv_cache_bytes) // bytes_per_block(self.config, block_size, self.dtype)
+        if self.num_blocks < 1:
+            raise ValueError(f"Sampler: kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} tokens "
+                             f"({bytes_per_block(self.config, block_size, self.dtype)} bytes)")
+        capacity = self.num_blocks * block_size
+        if max_model_len is None:
+            max_model_len = min(self.config.max_position_embeddings, capacity)
+        elif max_model_len > min(self.config.max_position_embeddings, capacity):
+            raise ValueError(f"Sampler: max_model_len={max_model_len} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings} or the KV pool ({capacity} tokens)")
+        self.max_model_len = max_model_len
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        if eos_token_ids is None:
+            eos = self.config.eos_token_id
+            eos_token_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
+        if cuda_graph_sizes is None:
+            cuda_graph_sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if s <= max_num_seqs) \
+                if self.device.type == "cuda" else ()
+        self.cuda_graph_sizes = cuda_graph_sizes
+        self.stats = SamplerStats()
+        self._seeds = random.Random(seed)
+        self._requests: dict[int, _Request] = {}
+        self._done: list[RequestOutput] = []  # finished, not yet returned by step()
+        self._next_request_id = self._next_seq_id = 0
+        self.kv_cache = None
+
+    # -- KV pool lifecycle ------------------------------------------------------------------------------
+    def _ensure_pool(self):
+        if self.kv_cache is not None:
+            return
+        self.kv_cache = KVCache(self.config, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.block_manager = _C.BlockManager(self.num_blocks, self.block_size)
+        self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
+        max_blocks = -(-self.max_model_len // self.block_size)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, max_blocks, self.cuda_graph_sizes)
+
+    def _check_idle(self, what: str):
+        if self._requests:
+            raise RuntimeError(f"Sampler.{what}: {len(self._requests)} requests are still running")
+
+    def release(self) -> None:
+        """Free the KV pool (and the prefix cache with it); the next request builds a new one."""
+        self._check_idle("release")
+        if self.kv_cache is not None:
+            self.kv_cache.release()
+            self.kv_cache = self.block_manager = self.scheduler = self.runner = None
+
+    def new_weight_version(self) -> int:
+        """The model's weights changed: cached prefixes (computed with the old ones) are never served again."""
+        self._check_idle("new_weight_version")
+        self._ensure_pool()
+        return self.block_manager.bump_version()
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = self._check_prompt(prompt_ids)
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"SamplingParams.n={params.n} exceeds the sampler's max_num_seqs={self.max_num_seqs}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop={params.stop!r} needs a tokenizer: Sampler(..., tokenizer=)")
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        self.stats.prompt_tokens += len(prompt)
+        if len(prompt) >= self.max_model_len:
+            if params.on_context_overflow == "error":
+                raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context limit of "
+                                 f"{self.max_model_len} tokens (SamplingParams.on_context_overflow='finish' "
+                                 f"returns a 'context limit' result instead)")
+            self._done.append(RequestOutput(request_id, prompt, [
+                Completion([], [] if params.logprobs else None, "context limit") for _ in range(params.n)]))
+            return request_id
+        self._ensure_pool()
+        self._requests[request_id] = _Request(prompt, params, [None] * params.n)
+        base_seed = params.seed if params.seed is not None else self._seeds.randrange(2 ** 62)
+        parent = self._new_sequence(request_id, 0, list(prompt), len(prompt), params, base_seed)
+        parent.forks_left = params.n - 1
+        self.scheduler.add(parent)
+        return request_id
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("empty prompt: a prompt needs at least one token")
+        vocab = self.config.vocab_size
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t!r}: expected an int in [0, vocab_size={vocab})")
+        return prompt
+
+    def _new_sequence(self, request_id, sample_index, token_ids, prompt_len, params, base_seed) -> Sequence:
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed((base_seed * 1_000_003 + sample_index) % 2 ** 63)
+        seq = Sequence(self._next_seq_id, request_id, sample_index, token_ids, prompt_len, params, generator,
+                       base_seed)
+        self._next_seq_id += 1
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._done)
+
+    # -- stepping -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step; returns the requests finished by it (and any finished at submission)."""
+        finished, self._done = self._done, []
+        if not self._requests:
+            return finished
+        t0 = time.perf_counter()
+        schedule = self.scheduler.schedule()
+        if not schedule.chunks:  # cannot happen by design (some owner always runs): fail, never hang
+            raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.running)} running and "
+                               f"{len(self.scheduler.waiting)} waiting sequences")
+        inputs = self.runner.prepare(schedule)
+        t1 = time.perf_counter()
+        hidden = self.runner.forward(*inputs)
+        t2 = time.perf_counter()
+        sampling: list[Sequence] = []
+        rows: list[int] = []  # row of `hidden` each sampling sequence reads (forks share their parent's)
+        n_rows = 0
+        for chunk in schedule.chunks:
+            seq = chunk.seq
+            seq.num_computed = chunk.stop
+            self.block_manager.commit(seq.seq_id, chunk.stop)
+            self.stats.computed_tokens += chunk.stop - chunk.start
+            self.stats.prompt_tokens_computed += max(0, min(chunk.stop, seq.prompt_len) - chunk.start)
+            if chunk.samples:
+                for s in [seq] + self._fork(seq):
+                    sampling.append(s)
+                    rows.append(n_rows)
+                n_rows += 1
+        t3 = time.perf_counter()
+        tokens, logprobs = self._sample(hidden[torch.tensor(rows, device=self.device)], sampling) \
+            if sampling else ([], [])
+        t4 = time.perf_counter()
+        for i, seq in enumerate(sampling):
+            self._append(seq, tokens[i], logprobs[i], finished)
+        t5 = time.perf_counter()
+        s = self.stats
+        s.steps += 1
+        s.host_seconds += (t1 - t0) + (t3 - t2) + (t5 - t4)
+        s.device_seconds += (t2 - t1) + (t4 - t3)
+        s.cached_tokens, s.preemptions = self.scheduler.cached_tokens, self.scheduler.preemptions
+        s.blocks_in_use = self.block_manager.num_blocks_in_use
+        s.peak_blocks_in_use = max(s.peak_blocks_in_use, s.blocks_in_use)
+        return finished
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The other n - 1 samples of a request, sharing the parent's computed prompt blocks."""
+        children = []
+        for i in range(parent.params.n - parent.forks_left, parent.params.n):
+            child = self._new_sequence(parent.request_id, i, list(parent.token_ids), parent.prompt_len,
+                                       parent.params, parent.base_seed)
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            child.status, child.num_computed = Status.RUNNING, parent.num_computed
+            self.scheduler.running.append(child)
+            children.append(child)
+        parent.forks_left = 0
+        return children
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
+        weight = self.model.lm_head_weight
+        params = [s.params for s in seqs]
+        with torch.inference_mode():
+            logits = (hidden @ weight.t()).float()  # as the log-prob reference: head in the model dtype
+            tokens = sample_tokens(logits, params, [s.generator for s in seqs])
+            logprobs: list[float | None] = [None] * len(seqs)
+            by_temperature: dict[float, list[int]] = {}
+            for i, p in enumerate(params):
+                if p.logprobs:
+                    by_temperature.setdefault(p.temperature or 1.0, []).append(i)
+            for temperature, idx in by_temperature.items():
+                index = torch.tensor(idx, device=self.device)
+                values = kernels.token_logprobs(hidden[index], weight, tokens[index], temperature).tolist()
+                for i, v in zip(idx, values):
+                    logprobs[i] = v
+        return tokens.tolist(), logprobs
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        self.block_manager.append_tokens(seq.seq_id, [token])
+        self.stats.generated_tokens += 1
+        reason = self._finish_reason(seq, token)
+        if reason is None:
+            return
+        seq.finish_reason, seq.stop_reason = reason
+        self.scheduler.finish(seq)
+        request = self._requests[seq.request_id]
+        request.completions[seq.sample_index] = Completion(
+            seq.completion_ids, seq.logprobs if seq.params.logprobs else None, seq.finish_reason, seq.stop_reason)
+        if all(c is not None for c in request.completions):
+            del self._requests[seq.request_id]
+            finished.append(RequestOutput(seq.request_id, request.prompt_ids, request.completions))
+
+    def _finish_reason(self, seq: Sequence, token: int):
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop", token
+        if p.stop:
+            text = self.tokenizer.decode(seq.completion_ids)
+            found = [(text.find(s), s) for s in p.stop if s in text]
+            if found:
+                return "stop", min(found)[1]
+        if len(seq.token_ids) - seq.prompt_len >= p.max_tokens:
+            return "length", None
+        if len(seq.token_ids) >= self.max_model_len:
+            return "context limit", None
+        return None
+
+    # -- batch interface ----------------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
+        """Completions of every prompt, in order: a Completion each, or a list of n when params.n > 1.
+        Requests submitted through add_request meanwhile keep running; their results come from step()."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        elif len(params) != len(prompts):
+            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        wanted, results, others = set(ids), {}, []
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.request_id in wanted:
+                    results[out.request_id] = out
+                else:
+                    others.append(out)
+        self._done.extend(others)
+        return [results[i].completions[0] if sp.n == 1 else results[i].completions for i, sp in zip(ids, params)]

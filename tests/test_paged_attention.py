@@ -1,0 +1,109 @@
+"""Paged KV write and paged attention (decode, prefill after a cached prefix): Triton vs an fp64 oracle, and
+the invariances the sampler relies on (batch composition, chunking, agreement with the training kernel)."""
+import pytest
+import torch
+
+from kernels import reference
+from kernels.ops.attention import varlen_attention_triton
+from kernels.ops.paged_attention import paged_attention_triton, write_kv_cache_triton
+
+
+def make_case(lengths, query_lens, hq, hkv, d, block_size, dtype, seed=0):
+    """Sequences of `lengths` keys scattered over a shuffled block pool; the last query_lens[b] tokens of each
+    are the new ones. Returns the dense per-sequence q/k/v too."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, pos = [], 0
+    for nb in blocks_per_seq:
+        tables.append(order[pos:pos + nb])
+        pos += nb
+    width = max(blocks_per_seq)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)  # garbage in unused slots
+    v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    qs, ks, vs, slots = [], [], [], []
+    for n, t in zip(lengths, tables):
+        qs.append(torch.randn(n, hq, d, generator=g).to(dtype))
+        ks.append(torch.randn(n, hkv, d, generator=g).to(dtype))
+        vs.append(torch.randn(n, hkv, d, generator=g).to(dtype))
+        slots.append(torch.tensor([t[p // block_size] * block_size + p % block_size for p in range(n)]))
+    return dict(tables=block_tables, k_cache=k_cache, v_cache=v_cache, q=qs, k=ks, v=vs, slots=slots,
+                lengths=lengths, query_lens=query_lens)
+
+
+def fill_cache(case, write):
+    """Write every sequence's keys/values into the cache with `write`."""
+    write(torch.cat(case["k"]), torch.cat(case["v"]), case["k_cache"], case["v_cache"], torch.cat(case["slots"]))
+
+
+def attend(case, fn):
+    q = torch.cat([q[n - m:] for q, n, m in zip(case["q"], case["lengths"], case["query_lens"])])
+    cu = torch.tensor([0] + torch.tensor(case["query_lens"]).cumsum(0).tolist(), dtype=torch.int32)
+    ctx = torch.tensor(case["lengths"], dtype=torch.int32)
+    return fn(q, case["k_cache"], case["v_cache"], case["tables"], cu, ctx, max(case["query_lens"]))
+
+
+def dense_fp64(case):
+    """Oracle: causal attention of each sequence's new queries over all its keys, in fp64, no paging."""
+    outs = []
+    for q, k, v, n, m in zip(case["q"], case["k"], case["v"], case["lengths"], case["query_lens"]):
+        group = q.shape[1] // k.shape[1]
+        qd, kd, vd = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", qd[n - m:], kd) * q.shape[-1] ** -0.5
+        visible = torch.arange(n - m, n)[:, None] >= torch.arange(n)[None, :]
+        p = s.masked_fill(~visible, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("hqk,khd->qhd", p, vd))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("lengths,query_lens,hq,hkv,d,block_size,match_training", [
+    ([37, 16, 5], [1, 1, 1], 4, 2, 16, 16, True),     # decode, nice
+    ([37, 16, 5], [1, 1, 1], 4, 2, 16, 16, False),    # decode with its own (small) query tiles
+    ([45, 3, 29], [13, 3, 1], 6, 2, 24, 8, True),     # prefill after a prefix, mixed with decode; odd dims
+])
+def test_paged_attention_matches_fp64_oracle(lengths, query_lens, hq, hkv, d, block_size, match_training):
+    case = make_case(lengths, query_lens, hq, hkv, d, block_size, torch.float32)
+    fill_cache(case, write_kv_cache_triton)
+    expected = dense_fp64(case)
+    got = attend(case, lambda *a: paged_attention_triton(*a, match_training=match_training))
+    torch_err = (attend(case, reference.paged_attention).double() - expected).abs().max().item()
+    err = (got.double() - expected).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+def test_write_kv_cache_skips_negative_slots_and_matches_reference():
+    case = make_case([20, 9], [1, 1], 2, 2, 8, 4, torch.float32)
+    k, v = torch.cat(case["k"]), torch.cat(case["v"])
+    slots = torch.cat(case["slots"])
+    slots[::3] = -1
+    caches = [(case["k_cache"].clone(), case["v_cache"].clone()) for _ in range(2)]
+    write_kv_cache_triton(k, v, *caches[0], slots)
+    reference.write_kv_cache(k, v, *caches[1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    untouched = case["k_cache"].view(-1, 2, 8)[torch.cat(case["slots"])[::3]]
+    assert torch.equal(caches[0][0].view(-1, 2, 8)[torch.cat(case["slots"])[::3]], untouched)
+
+
+def test_rows_do_not_depend_on_batch_or_chunking():
+    case = make_case([41, 30, 7], [9, 1, 7], 4, 2, 16, 8, torch.float32)
+    fill_cache(case, write_kv_cache_triton)
+    batch = attend(case, paged_attention_triton)
+    alone = attend(dict(case, tables=case["tables"][:1], lengths=[41], query_lens=[9]), paged_attention_triton)
+    assert torch.equal(batch[:9], alone)
+    # The last of those rows as a decode step (its sequence cut at its position) gives the same bits.
+    for cut in (33, 41):
+        decode = attend(dict(case, tables=case["tables"][:1], lengths=[cut], query_lens=[1]), paged_attention_triton)
+        assert torch.equal(decode[0], batch[cut - 33])
+
+
+def test_agrees_bitwise_with_training_attention():
+    """The sampler's attention for a token equals the trainer's varlen attention for it, bit for bit."""
+    lengths = [40, 23]
+    case = make_case(lengths, lengths, 4, 2, 16, 8, torch.float32)
+    fill_cache(case, write_kv_cache_triton)
+    cu = torch.tensor([0, 40, 63], dtype=torch.int32)
+    train = varlen_attention_triton(torch.cat(case["q"]), torch.cat(case["k"]), torch.cat(case["v"]), cu)
+    chunked = attend(dict(case, query_lens=[17, 23]), paged_attention_triton)
+    assert torch.equal(chunked[:17], train[23:40]) and torch.equal(chunked[17:], train[40:])
