@@ -61,7 +61,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
     """Attention over packed sequences: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1].
-    Each sequence attends only to itself; GQA by head grouping. One SDPA call per sequence."""
+    Each sequence attends only to itself; GQA by head grouping. One SDPA call per sequence, on 4-D inputs:
+    PyTorch's fused CPU (flash) kernel takes only those, and is ~4x faster than the math path 3-D ones get."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     out = torch.empty_like(q)
@@ -69,11 +70,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1)  # [Hq, L, D]
-        ks = k[start:end].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        qs = q[start:end].transpose(0, 1)[None]  # [1, Hq, L, D]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)[None]
+        vs = v[start:end].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)[None]
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 
