@@ -184,6 +184,9 @@ class Conversation:
 
     def __init__(self, tokenizer: Tokenizer, tools: list[dict] | None = None):
         self.tokenizer = tokenizer
+        # list() of a dict or a string would silently render its keys or characters as tool schemas
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ValueError(f"tools must be a list of JSON-schema objects (dicts), got {_snippet(repr(tools))}")
         self.tools = list(tools or [])
         self.ids: list[int] = []
         self.mask: list[int] = []
@@ -300,7 +303,7 @@ class Conversation:
         token_ids = message.get("token_ids")
         if token_ids is not None:
             token_ids = list(token_ids)
-            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.tokenizer.vocab_size]
+            bad = [t for t in token_ids if type(t) is not int or not 0 <= t < self.tokenizer.vocab_size]  # no bools
             if not token_ids or bad:
                 raise ValueError(f"{where}: token_ids must be a non-empty list of ids in [0, "
                                  f"{self.tokenizer.vocab_size}); bad: {bad[:5]}")

@@ -95,6 +95,14 @@ class SFTDataset:
                 ids, mask = render(self.tokenizer, record["messages"], record.get("tools"))
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{where}: {e}") from None
+        # Recorded ids and masks are used verbatim: a float id would be truncated by torch.tensor and a mask
+        # of 2 would double a token's loss, silently. bool is an int subclass: refuse it too.
+        bad_id = next((t for t in ids if type(t) is not int or t < 0), None)
+        if bad_id is not None:
+            raise DataError(f"{where}: token id {bad_id!r} is not a non-negative integer")
+        bad_mask = next((x for x in mask if type(x) is not int or x not in (0, 1)), None)
+        if bad_mask is not None:
+            raise DataError(f"{where}: loss mask value {bad_mask!r} is not 0 or 1")
         if self.vocab_size is not None and ids and max(ids) >= self.vocab_size:
             raise DataError(f"{where}: token id {max(ids)} >= the model's vocab_size {self.vocab_size} "
                             f"(trajectory tokenised with another tokenizer?)")

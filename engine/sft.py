@@ -15,14 +15,13 @@ import torch
 from torch import nn
 
 import kernels
-from engine.data import GlobalBatches, MicroBatch, SFTDataset, make_micro_batch, pack_micro_batches, Sample
+from engine.data import DataError, GlobalBatches, MicroBatch, Sample, SFTDataset, make_micro_batch, pack_micro_batches
 from engine.distributed import Runtime, all_reduce, shard
 from engine.metrics import MetricsLog, peak_memory_bytes, plot_loss, training_flops
 from engine.model import Qwen2ForCausalLM
 from engine.parallelize import apply_activation_checkpointing
 from engine.resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from engine.tokenizer import Tokenizer
-from engine.data import DataError
 from engine.train_config import ConfigError, TrainConfig, save_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +134,8 @@ def _coerce(value, kind, name):
             raise ConfigError(f"config: {name} must be an integer, got {value!r}")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config: {name} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config: {name} must be a finite number, got {value!r}")  # TOML has nan and inf
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"config: {name} must be a string, got {value!r}")
@@ -163,6 +164,11 @@ def _validate(cfg: TrainConfig):
         raise ConfigError("config: model.path is required (a Hugging Face Qwen2 checkpoint directory)")
     if not cfg.data.train_files:
         raise ConfigError("config: data.train_files is empty (JSONL files of trajectories or chat messages)")
+    from engine.checkpoint import parse_size  # checked now, not at the first checkpoint hours later
+    try:
+        parse_size(cfg.checkpoint.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"config: checkpoint.{e}") from None
     if cfg.train.micro_batch_tokens < cfg.data.max_seq_len:
         raise ConfigError(f"config: train.micro_batch_tokens ({cfg.train.micro_batch_tokens}) must be >= "
                           f"data.max_seq_len ({cfg.data.max_seq_len}) so that every sample fits a micro-batch")

@@ -1,5 +1,6 @@
 """Plain PyTorch implementations of every op: the CPU path and the oracle the Triton kernels are tested
-against. They follow Hugging Face's Qwen2 numerics (where it rounds, these round the same way)."""
+against. They follow Hugging Face's Qwen2 numerics (where it rounds, these round the same way), except RoPE:
+HF rounds cos/sin to the activation dtype and rotates in it; here the rotation is in fp32, cast once."""
 from __future__ import annotations
 
 import torch

@@ -399,10 +399,17 @@ def test_assistant_text_keeps_call_tags_as_tokens_and_other_specials_as_text(tok
     ({"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}, "name must be a non-empty string"),
     ({"role": "assistant", "token_ids": [1, -2, 10 ** 6]}, r"ids in \[0, 151665\); bad: \[-2, 1000000\]"),
     ({"role": "assistant", "token_ids": []}, "token_ids must be a non-empty list"),
+    ({"role": "assistant", "token_ids": [1, True]}, r"bad: \[True\]"),
 ])
 def test_bad_messages_are_rejected(tok, message, error):
     with pytest.raises(ValueError, match=error):
         Conversation(tok).append(message)
+
+
+@pytest.mark.parametrize("tools", [{"name": "bash"}, "bash", [{"name": "bash"}, "editor"]])
+def test_tools_must_be_a_list_of_schemas(tok, tools):
+    with pytest.raises(ValueError, match="tools must be a list of JSON-schema objects"):
+        render(tok, [{"role": "user", "content": "hi"}], tools)
 
 
 CALLS = [ToolCall("edit", {"path": "a/問題.py", "old": 'x = "1"\n', "new": "y\\z «ü» 😀", "list": [1, None]}),

@@ -163,3 +163,10 @@ def test_bad_input_is_named(impl, message):
     hidden, weight, targets = torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,))
     with pytest.raises(ValueError, match=f"token_logprobs: .*{message}"):
         IMPLS[impl](*BAD_INPUTS[message](hidden, weight, targets))
+
+
+def test_triton_path_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    from kernels import _validate
+    monkeypatch.setattr(_validate, "INTERPRETING", False)
+    with pytest.raises(ValueError, match="token_logprobs: hidden is on cpu; the Triton kernels need a CUDA tensor"):
+        tlp.token_logprobs_triton(torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,)))

@@ -183,6 +183,21 @@ def test_data_errors_and_policies(setup, tmp_path):
     assert ds.sample(0) is None and ds.counts["no_trainable_tokens"] == 1
 
 
+@pytest.mark.parametrize("ids,mask,problem", [
+    ([1, -1, 3], [0, 1, 1], "token id -1 is not a non-negative integer"),
+    ([1, 2.7, 3], [0, 1, 1], "token id 2.7 is not"),        # torch.tensor would truncate it to 2
+    ([1, True, 3], [0, 1, 1], "token id True is not"),
+    (["a", 2, 3], [0, 1, 1], "token id 'a' is not"),
+    ([1, 2, 3], [0, 2, 1], "loss mask value 2 is not 0 or 1"),  # would double the token's loss
+])
+def test_trajectory_ids_and_masks_are_checked(setup, tmp_path, ids, mask, problem):
+    path = tmp_path / "traj.jsonl"
+    path.write_text(json.dumps({"schema_version": 1, "messages": [{"token_ids": ids, "loss_mask": mask}]}) + "\n")
+    ds = SFTDataset([str(path)], setup["tokenizer"], 256, vocab_size=setup["tokenizer"].vocab_size)
+    with pytest.raises(DataError, match=rf"traj\.jsonl:1: {problem}"):
+        ds.sample(0)
+
+
 def test_config_errors(setup, tmp_path):
     config = write_config(tmp_path / "c.toml", setup, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rat'; did you mean 'train.learning_rate'|"
@@ -192,6 +207,12 @@ def test_config_errors(setup, tmp_path):
         load_config(config, ["train.lrr=1e-3"])
     with pytest.raises(ConfigError, match=r"train.steps must be an integer, got 'many'"):
         load_config(config, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"train.lr must be a finite number, got nan"):
+        load_config(config, ["train.lr=nan"])  # nan passes every range check (nan < 0 is False)
+    with pytest.raises(ConfigError, match=r"train.weight_decay must be a finite number, got inf"):
+        load_config(config, ["train.weight_decay=inf"])
+    with pytest.raises(ConfigError, match=r"checkpoint.max_shard_size='5 gigs': expected"):
+        load_config(config, ["checkpoint.max_shard_size=5 gigs"])  # else it fails at the first checkpoint
     with pytest.raises(ConfigError, match=r"data.long_policy = 'chop'"):
         load_config(config, ["data.long_policy=chop"])
     with pytest.raises(ConfigError, match="does not exist"):

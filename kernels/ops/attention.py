@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._validate import check_float_tensor, check_like
+from kernels._validate import INTERPRETING, check_float_tensor, check_like
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _BACKENDS = ("triton", "flash_attn")
@@ -282,7 +282,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _launch_config(q: torch.Tensor):
     """(tiles, kernel constants) for a call on q."""
-    on_gpu = q.is_cuda and not triton.knobs.runtime.interpret
+    on_gpu = q.is_cuda and not INTERPRETING  # (triton.knobs is Triton >= 3.4 only)
     dot = _DOT_DTYPE[q.dtype] if on_gpu else tl.float32  # the interpreter's bf16 tl.dot is broken
     precision = "ieee" if dot == tl.float32 else "tf32"  # exact fp32 dots; "tf32" is the no-op default for 16-bit
     head_dim = q.shape[2]

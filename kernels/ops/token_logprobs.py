@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._validate import check_float_tensor
+
 # Triton tiles. V_SPLIT columns of the vocabulary per program in the forward: fixed (never derived from T)
 # so that a row's online-softmax order is the same in every call; small enough to fill the GPU at decode.
 BLOCK_T, BLOCK_V, BLOCK_H = 64, 128, 64
@@ -276,6 +278,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
 def token_logprobs_triton(hidden, weight, targets, temperature=1.0, return_entropy=False):
     """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) via the fused Triton kernels."""
     _check_inputs(hidden, weight, targets, temperature)
+    check_float_tensor("token_logprobs", "hidden", hidden)  # a CUDA tensor, or the interpreter
     logp, entropy = _TritonTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
     return (logp, entropy) if return_entropy else logp
 
