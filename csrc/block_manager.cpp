@@ -67,9 +67,10 @@ struct Seq {
 
 class BlockManager {
  public:
-  BlockManager(int num_blocks, int block_size) : block_size_(block_size), blocks_(num_blocks) {
+  BlockManager(int num_blocks, int block_size) : block_size_(block_size) {
     if (num_blocks <= 0) throw std::invalid_argument("num_blocks must be positive, got " + std::to_string(num_blocks));
     if (block_size <= 0) throw std::invalid_argument("block_size must be positive, got " + std::to_string(block_size));
+    blocks_.resize(num_blocks);
     for (int b = 0; b < num_blocks; ++b) uncached_free_.push_back(b);
   }
 
@@ -168,7 +169,13 @@ class BlockManager {
   // and cached (registered under their chained hash unless an equal block is cached already).
   void commit(int64_t seq_id, int num_computed) {
     Seq& s = seq(seq_id);
-    const int n_full = std::min(num_computed, static_cast<int>(s.tokens.size())) / block_size_;
+    // KV can only have been written into blocks the sequence holds (prepare_write grows the table).
+    const int covered = std::min(static_cast<int>(s.tokens.size()), static_cast<int>(s.table.size()) * block_size_);
+    if (num_computed < 0 || num_computed > covered)
+      throw std::invalid_argument("commit of " + std::to_string(num_computed) + " tokens outside sequence " +
+                                  std::to_string(seq_id) + " (" + std::to_string(s.tokens.size()) + " tokens, " +
+                                  std::to_string(covered) + " covered by its blocks)");
+    const int n_full = num_computed / block_size_;
     for (int i = 0; i < n_full; ++i) {
       Block& blk = blocks_[s.table[i]];
       if (i >= s.num_hashed) {
@@ -192,6 +199,7 @@ class BlockManager {
   int computable_until(int64_t seq_id, int start) {
     Seq& s = seq(seq_id);
     const int n = static_cast<int>(s.tokens.size());
+    check_position(seq_id, s, start);
     for (int i = start / block_size_; i < static_cast<int>(s.table.size()); ++i) {
       Block& blk = blocks_[s.table[i]];
       if (blk.hash == kNoHash || blk.ready) continue;
@@ -203,7 +211,8 @@ class BlockManager {
 
   // Number of leading tokens (from `start` on, block aligned) whose KV is ready in shared cached blocks.
   int ready_until(int64_t seq_id, int start) const {
-    const Seq& s = seqs_.at(seq_id);
+    const Seq& s = seq(seq_id);
+    check_position(seq_id, s, start);
     int pos = start;
     for (int i = start / block_size_; i < static_cast<int>(s.table.size()); ++i) {
       if (pos != i * block_size_) break;  // only whole blocks count
@@ -229,7 +238,7 @@ class BlockManager {
     seqs_.erase(seq_id);
   }
 
-  std::vector<int> block_table(int64_t seq_id) const { return seqs_.at(seq_id).table; }
+  std::vector<int> block_table(int64_t seq_id) const { return seq(seq_id).table; }
   int ref_count(int block) const { return blocks_.at(block).ref_count; }
 
   // New weights: cached KV was computed with the old ones, so no prefix may be served from it again.
@@ -256,10 +265,18 @@ class BlockManager {
  private:
   int blocks_for(int n_tokens) const { return (n_tokens + block_size_ - 1) / block_size_; }
 
-  Seq& seq(int64_t seq_id) {
+  Seq& seq(int64_t seq_id) { return const_cast<Seq&>(std::as_const(*this).seq(seq_id)); }
+
+  const Seq& seq(int64_t seq_id) const {
     auto it = seqs_.find(seq_id);
     if (it == seqs_.end()) throw std::out_of_range("unknown sequence " + std::to_string(seq_id));
     return it->second;
+  }
+
+  static void check_position(int64_t seq_id, const Seq& s, int pos) {
+    if (pos < 0 || pos > static_cast<int>(s.tokens.size()))
+      throw std::invalid_argument("position " + std::to_string(pos) + " outside sequence " +
+                                  std::to_string(seq_id) + " of " + std::to_string(s.tokens.size()) + " tokens");
   }
 
   // Written while someone else holds it: a forked partial block. (A cached block is either ready -- nobody

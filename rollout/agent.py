@@ -185,7 +185,7 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
                 break
             run.add({"role": "tool", "content": tools.truncate(action.observation, config.max_observation_chars)})
             asked = action.tool == tools.ASK_EXPERT and action.error is None
-            if asked:
+            if asked and traj.expert_calls[-1].answer is not None:  # a refusal or failure note is not the expert's
                 traj.expert_calls[-1].observation_tokens = len(traj.messages[-1].token_ids)
             if asked and run.expert_cost >= config.expert_budget_usd:
                 traj.termination = "budget"

@@ -89,10 +89,15 @@ class DockerEnvironment:
 
     def read_file(self, path: str) -> str:
         path = self._path(path)
+        # Only regular files: /dev/zero or /dev/urandom would stream into this process's memory without end,
+        # and a FIFO would block the read forever.
         code, (stdout, stderr) = self.container.exec_run(
-            ["sh", "-c", 'if [ -d "$1" ]; then exit 21; fi; exec cat -- "$1"', "sh", path], demux=True)
+            ["sh", "-c", 'if [ -d "$1" ]; then exit 21; fi; if [ -e "$1" ] && [ ! -f "$1" ]; then exit 22; fi; '
+             'exec cat -- "$1"', "sh", path], demux=True)
         if code == 21:
             raise IsADirectoryError(f"{path} is a directory")
+        if code == 22:
+            raise OSError(f"cannot read {path}: not a regular file")
         if code != 0:
             message = (stderr or b"").decode("utf-8", "replace").strip()
             if "No such file" in message:

@@ -1,13 +1,15 @@
 """The local sandbox environment, for machines without Docker: a copy of the repository in a temporary
-workspace, every command run under bubblewrap (read-only system, writable workspace, private /tmp, no
-network, own PID namespace). Without a working bwrap it refuses to run anything: model-written commands
+workspace, every command run under bubblewrap (read-only system, writable workspace, private /tmp and /run,
+no network, own PID namespace). Without a working bwrap it refuses to run anything: model-written commands
 never run unsandboxed. Commands use the host's tools (python3 and pytest on PATH)."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 
@@ -32,9 +34,30 @@ def _check_bwrap() -> str:
     return bwrap
 
 
+# Hidden behind empty tmpfs: the host's daemon sockets live there (/run/docker.sock is root on the host), and a
+# Unix socket is reachable through a read-only mount and from another network namespace.
+_RUNTIME_DIRS = tuple(path for path in ("/run", "/var/run") if os.path.isdir(path) and not os.path.islink(path))
+
 # The host's pytest plugins (hypothesis, ...) belong to the host, not to the task; loading them costs seconds.
 SANDBOX_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PAGER": "cat",
                "GIT_PAGER": "cat", "TERM": "dumb", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+def _open_regular(path: str, flags: int):
+    """The file at `path`, opened by this (unsandboxed) process only if it is a regular file: a FIFO the
+    model made would block the open forever, so it is opened non-blocking and refused."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb" if flags == os.O_RDONLY else "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class SandboxEnvironment:
@@ -80,6 +103,7 @@ class SandboxEnvironment:
     def _argv(self, command: str) -> list[str]:
         ws = self.repo_dir
         return [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+                *(arg for path in _RUNTIME_DIRS for arg in ("--tmpfs", path)),
                 "--bind", ws, ws, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--die-with-parent", "--new-session", "--chdir", ws, "--clearenv",
                 *(arg for name, value in self.env.items() for arg in ("--setenv", name, value)),
@@ -111,14 +135,15 @@ class SandboxEnvironment:
         return full
 
     def read_file(self, path: str) -> str:
-        with open(self._path(path), "rb") as f:
+        with _open_regular(self._path(path), os.O_RDONLY) as f:
             return f.read().decode("utf-8")  # UnicodeDecodeError for binary files
 
     def write_file(self, path: str, content: str) -> None:
         full = self._path(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        with open(full, "w", encoding="utf-8", newline="") as f:
-            f.write(content)
+        with _open_regular(full, os.O_WRONLY | os.O_CREAT) as f:
+            f.truncate()
+            f.write(content.encode("utf-8"))
 
     def diff(self) -> str:
         # Inside the sandbox: the repository's git config is model-writable (core.fsmonitor runs commands).

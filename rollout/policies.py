@@ -142,7 +142,9 @@ class SamplerPolicy:
 
     def act(self, messages: list[dict], conversation, max_new_tokens: int) -> Turn:
         prompt = conversation.ids + conversation.generation_prompt
-        params = replace(self.params, max_tokens=max(1, min(self.params.max_tokens, max_new_tokens)))
+        # <|im_end|> ends a turn whatever EOS ids the sampler has (a base model's config names <|endoftext|>).
+        params = replace(self.params, max_tokens=max(1, min(self.params.max_tokens, max_new_tokens)),
+                         stop_token_ids=(*self.params.stop_token_ids, conversation.tokenizer.im_end_id))
         future: Future = Future()
         with self._wake:
             if self._closed:

@@ -93,6 +93,7 @@ class Sampler:
         self._done: list[RequestOutput] = []  # finished, not yet returned by step()
         self._next_request_id = self._next_seq_id = 0
         self.kv_cache = None
+        self._weight_version = 0  # bumped by new_weight_version(); survives release()
 
     # -- KV pool lifecycle ------------------------------------------------------------------------------
     def _ensure_pool(self):
@@ -116,10 +117,13 @@ class Sampler:
             self.kv_cache = self.block_manager = self.scheduler = self.runner = None
 
     def new_weight_version(self) -> int:
-        """The model's weights changed: cached prefixes (computed with the old ones) are never served again."""
+        """The model's weights changed: cached prefixes (computed with the old ones) are never served again.
+        A released pool stays released (a new one starts with an empty cache)."""
         self._check_idle("new_weight_version")
-        self._ensure_pool()
-        return self.block_manager.bump_version()
+        if self.kv_cache is not None:
+            self.block_manager.bump_version()
+        self._weight_version += 1
+        return self._weight_version
 
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:

@@ -77,6 +77,9 @@ def validate_call(name: str, arguments) -> None:
             raise ToolError(f"{name}: argument {key!r} must be of type {spec['type']}, got {value!r:.80}.")
         if "enum" in spec and value not in spec["enum"]:
             raise ToolError(f"{name}: argument {key!r} must be one of {spec['enum']}, got {value!r:.80}.")
+    for key in ("command", "path"):  # they become process arguments, which cannot hold a NUL
+        if isinstance(arguments.get(key), str) and "\0" in arguments[key]:
+            raise ToolError(f"{name}: argument {key!r} contains a NUL character, which no command or path can hold.")
 
 
 def truncate(text: str, limit: int) -> str:

@@ -118,6 +118,16 @@ def tools_text(name, arguments) -> str:
     return Step(name, arguments).text()
 
 
+def test_nul_in_a_command_or_path_is_an_error_observation_not_the_end(task, env, tok):
+    """A NUL (a model may write "\\u0000" in its JSON) cannot reach a process: the call fails, the run goes on."""
+    policy = scripted(bash("echo a\0b"), Step(tools.EDITOR, {"command": "view", "path": "search\0x"}),
+                      bash("echo alive"))
+    traj = run_agent(task, env, policy, OracleExpert(), tok, AgentConfig(judge=False))
+    assert traj.termination == "submitted" and traj.error is None
+    assert ["NUL character" in (a.error or "") for a in traj.actions] == [True, True, False, False]
+    assert traj.actions[2].observation == "alive\n"
+
+
 def test_max_steps(task, env, tok):
     traj = run_agent(task, env, scripted(*[bash("ls")] * 10), OracleExpert(), tok, AgentConfig(max_steps=3))
     assert traj.termination == "max_steps" and traj.steps == 3 and len(traj.actions) == 3
@@ -145,6 +155,11 @@ def test_expert_quota_refuses_extra_calls(task, env, tok):
     assert [c.refused for c in traj.expert_calls] == [False, False, True]
     assert traj.expert_calls[2].answer is None
     assert "quota of 2 calls" in traj.actions[4].observation
+    # Only answered calls bring expert tokens into the context (the expert's share of the tokens).
+    tool_messages = [m for m in traj.messages if m.role == "tool"]
+    assert [c.observation_tokens for c in traj.expert_calls] == [len(tool_messages[0].token_ids),
+                                                                  len(tool_messages[2].token_ids), 0]
+    assert traj.expert_tokens == sum(len(tool_messages[i].token_ids) for i in (0, 2))
 
 
 @pytest.fixture
@@ -177,6 +192,7 @@ def test_failed_expert_call_is_recorded_and_the_run_goes_on(task, env, tok, serv
     assert traj.termination == "submitted" and traj.steps == 3
     [call] = traj.expert_calls
     assert call.answer is None and call.retries == 2 and "HTTP 500" in call.error
+    assert call.observation_tokens == 0 and traj.expert_tokens == 0   # the failure note is not expert output
     assert traj.actions[0].observation.startswith("ask_expert failed:")
     assert traj.actions[1].observation.startswith("after")
 
@@ -297,6 +313,21 @@ def test_sampler_policy_prompts_are_append_only(task, env, tmp_path):
             previous = prompts[k - 1]
             assert prompt[:len(previous) + 1] == previous + [tokenizer.im_end_id]   # + what was generated
     assert sampler.stats.cached_tokens > 0                       # and the prefix cache served them
+
+
+def test_sampler_policy_turns_end_at_im_end_whatever_the_samplers_eos(task, env, tmp_path):
+    """A sampler built with the model config's EOS (a base model's: <|endoftext|>) must still end each
+    assistant turn at <|im_end|>, not run on to max_tokens and cut the run short."""
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
+    sampler = Sampler(im_end_model(tokenizer), num_blocks=256, eos_token_ids=[tokenizer.endoftext_id])
+    policy = SamplerPolicy(sampler, SamplingParams(temperature=0, max_tokens=8))
+    try:
+        traj = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=2))
+    finally:
+        policy.close()
+    assert traj.termination == "max_steps" and traj.steps == 2
+    assert all(m.token_ids[-2:] == [tokenizer.im_end_id, tokenizer.encode("\n")[0]] and m.loss_mask.count(1) == 1
+               for m in traj.messages if m.role == "assistant")
 
 
 def test_collect_cli_with_the_sampler_policy(tmp_path, sandbox_ready):

@@ -167,6 +167,33 @@ def test_errors_name_the_problem():
         bm.allocate(1, [])
     with pytest.raises(ValueError, match="outside sequence 0"):
         bm.prepare_write(0, 0, 5)
+    with pytest.raises(ValueError, match="num_blocks must be positive, got -1"):
+        BlockManager(-1, BS)
+    with pytest.raises(IndexError, match="unknown sequence 7"):
+        bm.block_table(7)
+    with pytest.raises(IndexError, match="unknown sequence 7"):
+        bm.ready_until(7, 0)
+
+
+def test_positions_outside_the_sequence_or_its_blocks_are_refused():
+    """A commit past the blocks the sequence holds (tokens appended, no prepare_write yet) or a negative
+    position would index past the block table: refused, nothing changed."""
+    bm = BlockManager(4, BS)
+    bm.allocate(0, [1, 2, 3])
+    bm.append_tokens(0, list(range(4, 14)))
+    with pytest.raises(ValueError, match="commit of 12 tokens outside sequence 0 .13 tokens, 4 covered"):
+        bm.commit(0, 12)
+    with pytest.raises(ValueError, match="commit of -1 tokens"):
+        bm.commit(0, -1)
+    for method in (bm.computable_until, bm.ready_until):
+        with pytest.raises(ValueError, match="position -5 outside sequence 0 of 13 tokens"):
+            method(0, -5)
+        with pytest.raises(ValueError, match="position 14 outside sequence 0"):
+            method(0, 14)
+    assert bm.block_table(0) == [bm.block_table(0)[0]] and bm.num_free_blocks == 3
+    bm.prepare_write(0, 3, 12)
+    bm.commit(0, 12)  # now covered
+    assert bm.num_free_blocks == 1
 
 
 class _Seq:

@@ -62,6 +62,12 @@ def test_files_and_diff(env, task):
         env.read_file("no/such/file.py")
     with pytest.raises(IsADirectoryError):
         env.read_file("calendarx")
+    # Devices and FIFOs would stream without end into this process, or block it: refused.
+    env.run("mkfifo pipe")
+    for path in ("/dev/zero", "pipe"):
+        with pytest.raises(OSError, match="not a regular file"):
+            env.read_file(path)
+    env.run("rm pipe")
     env.write_file("notes/deep/new file.txt", "héllo\n")
     assert env.read_file("/testbed/notes/deep/new file.txt") == "héllo\n"
     env.run("chmod +x calendarx/leap.py && rm tests/test_leap.py && python3 -c 'import calendarx.leap'")

@@ -88,6 +88,31 @@ def test_files_and_diff(env):
     assert env.diff() == patch
 
 
+def test_fifo_in_the_workspace_is_refused_not_waited_on(env):
+    """A FIFO the model made: opening it from this (host) process would block forever."""
+    import threading
+    from rollout import tools
+    assert env.run("mkfifo pipe").exit_code == 0
+    errors = []
+
+    def touch_the_fifo():
+        for operation in (lambda: env.read_file("pipe"), lambda: env.write_file("pipe", "x"),
+                          lambda: tools.run_editor(env, {"command": "view", "path": "pipe"})):
+            try:
+                operation()
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+    worker = threading.Thread(target=touch_the_fifo, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "opening the FIFO blocked"
+    assert [type(e) for e in errors] == [OSError, OSError, tools.ToolError], errors
+    assert "Cannot read pipe" in str(errors[2])
+    env.write_file("regular.txt", "a longer first version\n")
+    env.write_file("regular.txt", "short\n")  # overwritten, not left with the old tail
+    assert env.read_file("regular.txt") == "short\n"
+
+
 def test_writes_outside_the_workspace_fail(env, tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("host\n")
@@ -126,6 +151,25 @@ def test_no_network(env):
         """))
         out = env.run("python3 probe.py").output  # ...but not from the sandbox
     assert out.startswith("refused"), out
+
+
+def test_host_daemon_sockets_are_out_of_reach(env):
+    """A Unix socket ignores both the read-only mount and the network namespace: a command that reached the
+    host's Docker socket would be root on the host. /run (where daemons put them) is hidden."""
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs a writable /run to plant a host socket")
+    path = f"/run/protege-test-{os.getpid()}.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        try:
+            listener.listen()
+            probe = (f"import socket; s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect({path!r}); "
+                     "print('connected')")
+            result = env.run(f'python3 -c "{probe}"')
+        finally:
+            os.unlink(path)
+    assert "connected" not in result.output and result.exit_code != 0, result.output
+    assert env.run("test -e /var/run/docker.sock || test -e /run/docker.sock").exit_code != 0
 
 
 def test_refuses_without_bwrap(task, monkeypatch):

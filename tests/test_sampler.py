@@ -218,7 +218,11 @@ def test_new_weight_version_and_release(model):
         sampler.step()
     sampler.release()
     assert sampler.kv_cache is None
+    # Between rollout phases (training runs in the freed memory) a weight update must not rebuild the pool;
+    # versions keep counting across releases.
+    assert sampler.new_weight_version() == 2 and sampler.kv_cache is None
     assert sampler.generate([prompt], params)[0].token_ids == first.token_ids
+    assert sampler.new_weight_version() == 3
 
 
 def test_bad_input_is_refused_clearly(model):
