@@ -183,7 +183,8 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
             if action.tool == tools.SUBMIT and action.error is None:
                 traj.termination = "submitted"
                 break
-            run.add({"role": "tool", "content": tools.truncate(action.observation, config.max_observation_chars)})
+            action.observation = tools.truncate(action.observation, config.max_observation_chars)  # as shown
+            run.add({"role": "tool", "content": action.observation})
             asked = action.tool == tools.ASK_EXPERT and action.error is None
             if asked and traj.expert_calls[-1].answer is not None:  # a refusal or failure note is not the expert's
                 traj.expert_calls[-1].observation_tokens = len(traj.messages[-1].token_ids)

@@ -146,6 +146,7 @@ def test_long_observations_keep_head_and_tail(task, env, tok):
     observation = traj.messages[3].content   # system, user, assistant, tool
     assert len(observation) < 2100 and observation.startswith("1\n2\n3\n") and observation.endswith("19999\n20000\n")
     assert "characters omitted" in observation
+    assert traj.actions[0].observation == observation  # the record keeps what the agent was shown
 
 
 def test_expert_quota_refuses_extra_calls(task, env, tok):
