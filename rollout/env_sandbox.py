@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import posixpath
 import shutil
 import signal
 import stat
@@ -61,6 +62,10 @@ def _open_regular(path: str, flags: int):
 
 
 class SandboxEnvironment:
+    # Where commands see the repository: a fixed path (inside the sandbox's private /tmp), so that prompts and
+    # trajectories do not depend on the host's random workspace name -- as Docker's /testbed.
+    repo_dir = "/tmp/testbed"
+
     def __init__(self, task: Task, repos_dir: str | None = None, workdir: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, output_cap: int = DEFAULT_OUTPUT_CAP,
                  env: dict[str, str] | None = None):
@@ -72,10 +77,10 @@ class SandboxEnvironment:
         self.timeout = timeout
         self.output_cap = output_cap
         self.root = tempfile.mkdtemp(prefix="protege-ws-", dir=workdir)
-        self.repo_dir = os.path.join(os.path.realpath(self.root), "repo")
+        self.host_repo_dir = os.path.join(os.path.realpath(self.root), "repo")  # the same files, seen from here
         try:
             if task.source is not None:
-                materialize_repo(task, self.repo_dir)
+                materialize_repo(task, self.host_repo_dir)
             else:
                 self._clone(repos_dir)
         except BaseException:
@@ -87,8 +92,8 @@ class SandboxEnvironment:
         if repos_dir is None or not os.path.isdir(source):
             raise FileNotFoundError(f"{self.task.instance_id}: no local clone of {self.task.repo} "
                                     f"(looked for {source!r}; pass repos_dir)")
-        for args in (["clone", "-q", "--no-checkout", "--no-hardlinks", source, self.repo_dir],
-                     ["-C", self.repo_dir, "-c", "advice.detachedHead=false", "checkout", "-q",
+        for args in (["clone", "-q", "--no-checkout", "--no-hardlinks", source, self.host_repo_dir],
+                     ["-C", self.host_repo_dir, "-c", "advice.detachedHead=false", "checkout", "-q",
                       self.task.base_commit]):
             proc = subprocess.run(["git", *args], capture_output=True, text=True)
             if proc.returncode != 0:
@@ -104,7 +109,7 @@ class SandboxEnvironment:
         ws = self.repo_dir
         return [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
                 *(arg for path in _RUNTIME_DIRS for arg in ("--tmpfs", path)),
-                "--bind", ws, ws, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--bind", self.host_repo_dir, ws, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--die-with-parent", "--new-session", "--chdir", ws, "--clearenv",
                 *(arg for name, value in self.env.items() for arg in ("--setenv", name, value)),
                 "bash", "-c", command]
@@ -113,7 +118,7 @@ class SandboxEnvironment:
         return self._run(command, self.timeout if timeout is None else timeout, self.output_cap)
 
     def _run(self, command: str, timeout: float, cap: int | None) -> CommandResult:
-        if not os.path.isdir(self.repo_dir):
+        if not os.path.isdir(self.host_repo_dir):
             raise RuntimeError("the environment is closed")
         # Own session: on timeout the whole group (bwrap and the sandbox's init) is killed, and the kernel
         # then kills everything left in the sandbox's PID namespace.
@@ -128,9 +133,13 @@ class SandboxEnvironment:
         return CommandResult(out.text(), 124 if timed_out else proc.returncode, timed_out, out.truncated)
 
     def _path(self, path: str) -> str:
-        """The real path of `path` (relative to the repository), which must lie inside the workspace."""
-        full = os.path.realpath(os.path.join(self.repo_dir, path))
-        if os.path.commonpath([full, self.repo_dir]) != self.repo_dir:
+        """The host path of `path` (relative to the repository, or absolute as commands see it), which must
+        lie inside the workspace."""
+        inside = posixpath.normpath(posixpath.join(self.repo_dir, path))
+        if posixpath.commonpath([inside, self.repo_dir]) != self.repo_dir:
+            raise PermissionError(f"{path}: outside the workspace {self.repo_dir}")
+        full = os.path.realpath(os.path.join(self.host_repo_dir, posixpath.relpath(inside, self.repo_dir)))
+        if os.path.commonpath([full, self.host_repo_dir]) != self.host_repo_dir:  # a symlink pointing out
             raise PermissionError(f"{path}: outside the workspace {self.repo_dir}")
         return full
 

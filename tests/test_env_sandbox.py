@@ -188,7 +188,8 @@ def test_scripted_fix_resolves_end_to_end(task, sandbox_ready):
     from rollout.evaluate import evaluate_patch
     with SandboxEnvironment(task) as env:
         patch = scripted_leap_year_fix(env, task)
-        workspace = env.repo_dir
+        workspace = env.host_repo_dir
+        assert env.repo_dir == "/tmp/testbed"  # a fixed path: prompts do not depend on the host's temp dir
     assert not os.path.exists(workspace)  # closed on leaving the block
     assert "tests/regression/test_2000.py" in patch
     result = evaluate_patch(task, patch, backend="sandbox")
