@@ -44,7 +44,7 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -54,6 +54,14 @@ class MetricsLog:
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _parse(line: str) -> dict | None:
+    """A metrics line, or None for a blank one or the torn last line of a process killed while writing it."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def plot_loss(records: list[dict], out: Path) -> None:

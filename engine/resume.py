@@ -60,7 +60,8 @@ def save_training_checkpoint(run_dir: Path, step: int, trainer_state: dict, root
     final = checkpoint_dir(run_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if runtime.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while writing
+        for stale in checkpoint_dir(run_dir).glob("step_*.tmp"):  # left by runs that died while writing
+            shutil.rmtree(stale, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     barrier(runtime)
 

@@ -142,6 +142,14 @@ def test_overfits_a_handful_and_checkpoint_loads_in_transformers(tmp_path):
     assert (a - b).abs().max().item() <= 1e-4
 
 
+def test_resumed_metrics_drop_redone_steps_and_a_torn_line(tmp_path):
+    from engine.metrics import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    log = MetricsLog(path, resume_step=2)  # resumed from the step-2 checkpoint: steps 3-4 will be redone
+    assert [r["step"] for r in log.records()] == [1, 2]
+
+
 # ---------------------------------------------------------------- loss masks and data errors
 
 def test_only_assistant_tokens_train(setup):
