@@ -56,15 +56,23 @@ class Sampler:
                  max_model_len: int | None = None, eos_token_ids=None, tokenizer=None, seed: int = 0,
                  cuda_graph_sizes: tuple[int, ...] | None = None):
         """model: engine.model.Qwen2ForCausalLM. The KV pool holds num_blocks blocks of block_size tokens, or
-        as many as fit in kv_cache_bytes. eos_token_ids default to the model config's; tokenizer (with
+        as many as fit in kv_cache_bytes; with neither, 80% of the GPU memory free now (CUDA), or room for 8
+        sequences of max_position_embeddings tokens up to 2 GiB (CPU). eos_token_ids default to the model
+        config's; tokenizer (with
         .decode(ids)) is needed only for stop strings. cuda_graph_sizes: decode batch sizes captured as CUDA
         graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables)."""
-        if (num_blocks is None) == (kv_cache_bytes is None):
-            raise ValueError("Sampler: give exactly one of num_blocks and kv_cache_bytes (the KV pool size)")
+        if num_blocks is not None and kv_cache_bytes is not None:
+            raise ValueError("Sampler: give at most one of num_blocks and kv_cache_bytes (the KV pool size)")
         self.model, self.config = model, model.config
         weight = model.lm_head_weight
         self.device, self.dtype = weight.device, weight.dtype
         self.block_size = block_size
+        if num_blocks is None and kv_cache_bytes is None:
+            if self.device.type == "cuda":
+                kv_cache_bytes = int(0.8 * torch.cuda.mem_get_info(self.device)[0])
+            else:
+                per_token = bytes_per_block(self.config, 1, self.dtype)
+                kv_cache_bytes = min(2 << 30, 8 * self.config.max_position_embeddings * per_token)
         self.num_blocks = num_blocks if num_blocks is not None else \
             int(kv_cache_bytes) // bytes_per_block(self.config, block_size, self.dtype)
         if self.num_blocks < 1:

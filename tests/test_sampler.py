@@ -243,10 +243,19 @@ def test_bad_input_is_refused_clearly(model):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="on_context_overflow='truncate'"):
         SamplingParams(on_context_overflow="truncate")
-    with pytest.raises(ValueError, match="exactly one of num_blocks and kv_cache_bytes"):
-        Sampler(model)
+    with pytest.raises(ValueError, match="at most one of num_blocks and kv_cache_bytes"):
+        Sampler(model, num_blocks=8, kv_cache_bytes=1 << 20)
     with pytest.raises(ValueError, match="holds no block"):
         Sampler(model, kv_cache_bytes=100, block_size=4)
+
+
+def test_defaults_for_everything_but_the_model(model):
+    # CPU default: 8 sequences of max_position_embeddings tokens; 1024 bytes per 4-token block here.
+    sampler = Sampler(model)
+    per_token = 1024 // 4
+    assert sampler.num_blocks == 8 * model.config.max_position_embeddings * per_token // (16 * per_token)
+    out = sampler.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].token_ids) == 5 and out[0].finish_reason == "length"
 
 
 def test_pool_sized_from_a_memory_budget(model):
