@@ -10,7 +10,7 @@
 4. measures: the loss before and after, and the resolve rate of the trained model on the bundled tasks
    (greedy decoding through the engine's own sampler, local sandbox), against the untrained model's.
    The tasks are the ones it was trained on: this shows the whole loop learns (data, loss masks, training,
-   checkpoint, sampler, agent, evaluation), not that a 0.5M-parameter model generalises.
+   checkpoint, sampler, agent, evaluation), not that a 0.66M-parameter model generalises.
 The same pipeline at scale is a real Qwen2.5 directory + `torchrun engine/train.py` (README)."""
 from __future__ import annotations
 
