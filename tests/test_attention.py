@@ -165,3 +165,23 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("PROTEGE_ATTENTION", "xformers")
     with pytest.raises(ValueError, match="PROTEGE_ATTENTION='xformers'"):
         varlen_attention_triton(**args)
+
+
+def test_cu_seqlens_checked_once_per_tensor_but_again_after_a_change():
+    q, k, v, _, cu = packed((3, 5), 4, 2, 16)
+    q, k, v = q.float(), k.float(), v.float()
+    first = varlen_attention_triton(q, k, v, cu)
+    assert torch.equal(varlen_attention_triton(q, k, v, cu), first)  # the remembered check
+    cu[1] = 9  # modified in place: its version changes, so it is read and refused again
+    with pytest.raises(ValueError, match=r"never decrease.*got \[0, 9, 8\]"):
+        varlen_attention_triton(q, k, v, cu)
+
+
+def test_inference_mode_tensors_are_checked_every_time():
+    with torch.inference_mode():
+        q, k, v, _, cu = packed((3, 5), 4, 2, 16)
+        q, k, v = q.float(), k.float(), v.float()
+        varlen_attention_triton(q, k, v, cu)
+        cu[1] = 9
+        with pytest.raises(ValueError, match="never decrease"):
+            varlen_attention_triton(q, k, v, cu)

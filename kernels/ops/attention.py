@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import triton
@@ -264,14 +265,32 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> int:
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{where}: cu_seqlens must be a 1-D int32 tensor [B+1], got dtype {cu_seqlens.dtype} "
                          f"shape {tuple(cu_seqlens.shape)}")
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != q.shape[0] or min(lengths, default=0) < 0:
-        raise ValueError(f"{where}: cu_seqlens must start at 0, never decrease and end at the token count "
-                         f"{q.shape[0]}; got {bounds}")
-    longest = max(lengths, default=0)
+    longest = _longest_sequence(cu_seqlens, q.shape[0], where)
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"{where}: max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+    return longest
+
+
+_last_checked: tuple = (None, None, None)  # (weak ref to cu_seqlens, its version and token count, longest)
+
+
+def _longest_sequence(cu_seqlens: torch.Tensor, n_tokens: int, where: str) -> int:
+    """Validate cu_seqlens and return the longest sequence. Reading it costs a host sync; every layer of a
+    forward (and its recomputation and backward) passes the same unmodified tensor, so the last one checked is
+    remembered: one sync per batch, not one per layer."""
+    ref, key, longest = _last_checked
+    # Inference tensors keep no version counter: those are checked every time.
+    key_now = None if cu_seqlens.is_inference() else (cu_seqlens._version, n_tokens)
+    if key_now is not None and ref is not None and ref() is cu_seqlens and key == key_now:
+        return longest
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != n_tokens or min(lengths, default=0) < 0:
+        raise ValueError(f"{where}: cu_seqlens must start at 0, never decrease and end at the token count "
+                         f"{n_tokens}; got {bounds}")
+    longest = max(lengths, default=0)
+    if key_now is not None:
+        globals()["_last_checked"] = (weakref.ref(cu_seqlens), key_now, longest)
     return longest
 
 
