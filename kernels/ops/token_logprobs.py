@@ -81,12 +81,14 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stri
                  FP32_DOT: tl.constexpr):
     """hidden[rows] @ weight[cols].T as a [BLOCK_T, BLOCK_V] fp32 tile (fixed K order over H)."""
     acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    row_offs = rows.to(tl.int64) * stride_h  # int64: T x H and V x H can pass 2^31
+    col_offs = cols.to(tl.int64) * stride_w
     for h0 in range(0, H, BLOCK_H):
         ks = h0 + tl.arange(0, BLOCK_H)
         k_mask = ks < H
-        x = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+        x = tl.load(h_ptr + row_offs[:, None] + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
+        w = tl.load(w_ptr + col_offs[None, :] + ks[:, None],
                     mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if FP32_DOT:  # fp32 inputs, or the CPU interpreter (whose bf16 arithmetic is broken)
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -180,7 +182,7 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, mean_ptr, g_ptr, ge_ptr, d_p
         mean_z = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
         dz += ge[:, None] * p * (mean_z[:, None] - z)
     d = dz * inv_temp
-    tl.store(d_ptr + rows[:, None] * stride_d + cols[None, :], d.to(d_ptr.dtype.element_ty),
+    tl.store(d_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :], d.to(d_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -189,13 +191,13 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
                    ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, FP32_DOT: tl.constexpr):
     """c[M, N] (+)= a[M, K] @ b[K, N] with fp32 accumulation; each program owns one output tile, so the
     result is deterministic (no atomics)."""
-    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rm = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # int64 offsets: V x H can pass 2^31
+    rn = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     m_mask = rm < M
     n_mask = rn < N
     acc = tl.zeros((BLOCK, BLOCK), tl.float32)
     for k0 in range(0, K, BLOCK):
-        rk = k0 + tl.arange(0, BLOCK)
+        rk = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         k_mask = rk < K
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
