@@ -107,3 +107,17 @@ def test_agrees_bitwise_with_training_attention():
     train = varlen_attention_triton(torch.cat(case["q"]), torch.cat(case["k"]), torch.cat(case["v"]), cu)
     chunked = attend(dict(case, query_lens=[17, 23]), paged_attention_triton)
     assert torch.equal(chunked[:17], train[23:40]) and torch.equal(chunked[17:], train[40:])
+
+
+def test_write_kv_cache_of_strided_views():
+    # A last-dim-strided k (every other element) must land in the cache as its values, not its memory.
+    torch.manual_seed(0)
+    wide = torch.randn(5, 2, 16)
+    k, v = wide[:, :, ::2], wide[:, :, 1::2]  # [5, 2, 8], stride(-1) == 2
+    k_cache, v_cache = torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)
+    slots = torch.tensor([0, 1, 5, -1, 9])
+    write_kv_cache_triton(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(16, 2, 8), v_cache.view(16, 2, 8)
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], k[i]) and torch.equal(flat_v[slot], v[i])

@@ -102,7 +102,9 @@ def write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping):
     if n_tokens == 0:
         return
     row = k.shape[1] * k.shape[2]
-    k, v = k.reshape(n_tokens, row), v.reshape(n_tokens, row)
+    # One row per token, elements at unit stride (the kernel's addressing); reshape copies when it must.
+    k, v = (t.reshape(n_tokens, row) for t in (k, v))
+    k, v = (t if t.stride(1) == 1 else t.contiguous() for t in (k, v))
     _write_kv_kernel[(n_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                                   k_cache.stride(1), ROW=row, BLOCK=triton.next_power_of_2(row))
 
