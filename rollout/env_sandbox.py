@@ -1,7 +1,8 @@
 """The local sandbox environment, for machines without Docker: a copy of the repository in a temporary
 workspace, every command run under bubblewrap (read-only system, writable workspace, private /tmp and /run,
-no network, own PID namespace). Without a working bwrap it refuses to run anything: model-written commands
-never run unsandboxed. Commands use the host's tools (python3 and pytest on PATH)."""
+home directories hidden, no capabilities, no network, own PID namespace). Without a working bwrap it refuses
+to run anything: model-written commands never run unsandboxed. Commands use the host's tools (python3 and
+pytest on PATH)."""
 from __future__ import annotations
 
 import errno
@@ -12,6 +13,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 
 from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, diff_script
@@ -38,6 +40,25 @@ def _check_bwrap() -> str:
 # Hidden behind empty tmpfs: the host's daemon sockets live there (/run/docker.sock is root on the host), and a
 # Unix socket is reachable through a read-only mount and from another network namespace.
 _RUNTIME_DIRS = tuple(path for path in ("/run", "/var/run") if os.path.isdir(path) and not os.path.islink(path))
+
+# Home directories hold the host's secrets (keys, shell history, tokens): hidden behind empty tmpfs, except
+# the tool installations commands need that live there (a pyenv Python, a venv's base interpreter, cargo...):
+# the top-level directory under the home of every PATH entry and Python prefix is mounted back read-only.
+_HOMES = tuple(path for path in ("/root", "/home") if os.path.isdir(path) and not os.path.islink(path))
+
+
+def _tool_dirs(path_variable: str) -> list[str]:
+    keep = set()
+    for entry in [*path_variable.split(os.pathsep), sys.prefix, sys.base_prefix]:
+        real = os.path.realpath(entry) if entry else ""
+        for home in _HOMES:
+            if real.startswith(home + os.sep):
+                depth = 3 if home == "/home" else 2  # /home/<user>/<dir>, /root/<dir>
+                top = os.sep.join(real.split(os.sep)[:depth + 1])
+                if os.path.isdir(top):
+                    keep.add(top)
+    return sorted(keep)
+
 
 # The host's pytest plugins (hypothesis, ...) belong to the host, not to the task; loading them costs seconds.
 SANDBOX_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PAGER": "cat",
@@ -108,7 +129,9 @@ class SandboxEnvironment:
     def _argv(self, command: str) -> list[str]:
         ws = self.repo_dir
         return [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                *(arg for path in _RUNTIME_DIRS for arg in ("--tmpfs", path)),
+                *(arg for path in _RUNTIME_DIRS + _HOMES for arg in ("--tmpfs", path)),
+                *(arg for path in _tool_dirs(self.env["PATH"]) for arg in ("--ro-bind", path, path)),
+                "--cap-drop", "ALL",
                 "--bind", self.host_repo_dir, ws, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--die-with-parent", "--new-session", "--chdir", ws, "--clearenv",
                 *(arg for name, value in self.env.items() for arg in ("--setenv", name, value)),

@@ -107,14 +107,14 @@ def test_writes_outside_the_workspace_fail(env, tmp_path):
         env.read_file("link/outside.txt")
     # Commands see a read-only system and a private /tmp (what they write there vanishes with them).
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = env.run(f"echo escaped > /etc/protege-escape; touch /root/protege-escape")
-    assert result.output.count("Read-only file system") == 2, result.output
+    result = env.run("echo escaped > /etc/protege-escape; touch /usr/protege-escape; touch /root/protege-escape")
+    assert result.output.count("Read-only file system") == 2, result.output  # /root is a private tmpfs
     # Host paths under /tmp (pytest's tmp_path; the checkout itself may be there too) are hidden by the
     # private /tmp, others are read-only: either way nothing reaches the host.
     result = env.run(f"echo escaped > {outside}; touch {project}/protege-escape")
     assert result.exit_code != 0 and "escaped" not in result.output, result.output
     assert outside.read_text() == "host\n"
-    for path in ("/etc/protege-escape", "/root/protege-escape", f"{project}/protege-escape"):
+    for path in ("/etc/protege-escape", "/usr/protege-escape", "/root/protege-escape", f"{project}/protege-escape"):
         assert not os.path.exists(path)
 
 
@@ -178,3 +178,18 @@ def test_scripted_fix_resolves_end_to_end(task, sandbox_ready):
     assert "tests/regression/test_2000.py" in patch
     result = evaluate_patch(task, patch, backend="sandbox")
     assert result.resolved, result.log_tail
+
+
+def test_home_directories_are_hidden_but_tools_still_run(env):
+    if not os.path.isdir("/root") or not os.access("/root", os.W_OK):
+        pytest.skip("needs a writable /root to plant a secret")
+    secret = f"/root/.protege-secret-{os.getpid()}"
+    with open(secret, "w") as f:
+        f.write("do-not-leak\n")
+    try:
+        result = env.run(f"cat {secret}")
+        assert result.exit_code != 0 and "do-not-leak" not in result.output
+        assert os.path.basename(secret) not in env.run("ls -a /root").output
+        assert env.run("python3 -c 'print(6 * 7)'").output.strip() == "42"  # the interpreter is still there
+    finally:
+        os.remove(secret)
