@@ -8,6 +8,10 @@ TERMS = ("R_total", "R_loop", "R_follow", "R_other", "R_correct", "R_sim", "R_ex
 LOOP_STREAK = 10  # a trajectory "loops" when some streak of identical normalised actions is longer than this
 
 
+def loops(streak_lengths: list[int]) -> bool:
+    return max(streak_lengths, default=0) > LOOP_STREAK
+
+
 def aggregate(breakdowns: list[RewardBreakdown], expert_tokens: list[int] | None = None,
               total_tokens: list[int] | None = None) -> dict[str, float]:
     """Mean of every term and gate, loop rate, expert calls per trajectory, back-to-back calls per
@@ -17,7 +21,7 @@ def aggregate(breakdowns: list[RewardBreakdown], expert_tokens: list[int] | None
     if n == 0:
         return {}
     out = {f"mean_{t}": sum(getattr(b, t) for b in breakdowns) / n for t in TERMS}
-    out["loop_rate"] = sum(1 for b in breakdowns if max(b.streaks, default=0) > LOOP_STREAK) / n
+    out["loop_rate"] = sum(loops(b.streaks) for b in breakdowns) / n
     out["resolve_rate"] = sum(b.R_correct for b in breakdowns) / n
     out["expert_calls_per_traj"] = sum(b.expert_calls for b in breakdowns) / n
     out["back_to_back_per_traj"] = sum(b.back_to_back for b in breakdowns) / n

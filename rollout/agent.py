@@ -16,16 +16,12 @@ from dataclasses import dataclass
 
 from engine.chat import Conversation, ToolCallParseError, parse_tool_calls
 from engine.tokenizer import Tokenizer
+from rewards import normalize_action
 from rollout import tools
 from rollout.environment import Environment
 from rollout.expert import JudgeCase
 from rollout.policies import ContextFull
 from rollout.trajectory import Action, ExpertCall, Message, Trajectory
-
-try:  # the rewards package classifies actions for loop detection; the loop runs without it
-    from rewards import normalize_action
-except ImportError:
-    normalize_action = None
 
 SYSTEM_PROMPT = """You are an expert software engineer working in a code repository to resolve an issue. \
 Each turn, call exactly one tool. Explore the code, reproduce the problem, make a minimal fix to the \
@@ -177,8 +173,7 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
                 traj.termination = "context"   # the generation was cut at the context limit
                 break
             action = run.act(traj.steps - 1, turn.text)
-            if normalize_action is not None:
-                action.normalized = normalize_action(action.tool, action.arguments)
+            action.normalized = normalize_action(action.tool, action.arguments)
             traj.actions.append(action)
             if action.tool == tools.SUBMIT and action.error is None:
                 traj.termination = "submitted"

@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 from engine.tokenizer import Tokenizer, qwen25_tokenizer
+from rewards import run_lengths
+from rewards.stats import loops
 from rollout.agent import AgentConfig, Job, run_batch
 from rollout.environment import open_environment
 from rollout.expert import AnthropicClient, AnthropicExpert, OracleExpert, Prices
@@ -105,7 +107,7 @@ def summarize(trajectories: list[Trajectory], n_tasks: int, seconds: float, poli
     evaluated = [t for t in trajectories if t.resolved is not None]
     answered = [sum(not c.refused for c in t.expert_calls) for t in trajectories]
     total_tokens = sum(t.total_tokens for t in trajectories)
-    summary = {
+    return {
         "tasks": n_tasks, "trajectories": n,
         "resolve_rate": sum(t.resolved for t in evaluated) / len(evaluated) if evaluated else None,
         "tasks_resolved_at_least_once": len({t.task_id for t in evaluated if t.resolved}),
@@ -119,17 +121,9 @@ def summarize(trajectories: list[Trajectory], n_tasks: int, seconds: float, poli
         "policy_cost_usd": policy_cost,
         "errors": sum(t.termination == "error" for t in trajectories),
         "wall_seconds": round(seconds, 2),
-        "loop_rate": None,
+        "loop_rate": sum(loops(run_lengths([a.normalized for a in t.actions])) for t in trajectories) / n
+        if n else 0.0,
     }
-    try:
-        from rewards import normalize_action, run_lengths
-        from rewards.stats import LOOP_STREAK
-    except ImportError:
-        return summary
-    loops = [max(run_lengths([normalize_action(a.tool, a.arguments) for a in t.actions]), default=0) > LOOP_STREAK
-             for t in trajectories]
-    summary["loop_rate"] = sum(loops) / n if n else 0.0
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ class Action:
     observation: str                   # what the agent was shown
     exit_code: int | None = None       # bash only
     error: str | None = None           # why the call failed (parse error, bad arguments, failed edit)
-    normalized: str | None = None      # rewards.normalize_action(tool, arguments), when rewards is importable
+    normalized: str | None = None      # rewards.normalize_action(tool, arguments), set by the agent loop
 
     @property
     def command(self) -> str | None:
