@@ -16,7 +16,7 @@ import threading
 import docker
 import docker.errors
 
-from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, diff_script
+from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
 from rollout.tasks import Task
 
 LABEL = "protege.env"  # value: the pid of the process that owns the container
@@ -126,11 +126,7 @@ class DockerEnvironment:
             raise OSError(f"cannot write {path}")
 
     def diff(self) -> str:
-        result = self._exec(diff_script(self.task.base_commit), 300, None)
-        if result.exit_code != 0:
-            raise RuntimeError(f"{self.task.instance_id}: git diff failed (exit {result.exit_code}): "
-                               f"{result.output[-2000:]}")
-        return result.output
+        return git_diff(self._exec, self.task)
 
     def close(self) -> None:
         container, self.container = self.container, None

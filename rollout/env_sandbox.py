@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, diff_script
+from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
 from rollout.tasks import Task, materialize_repo
 
 
@@ -178,12 +178,7 @@ class SandboxEnvironment:
             f.write(content.encode("utf-8"))
 
     def diff(self) -> str:
-        # Inside the sandbox: the repository's git config is model-writable (core.fsmonitor runs commands).
-        result = self._run(diff_script(self.task.base_commit), 300, None)
-        if result.exit_code != 0:
-            raise RuntimeError(f"{self.task.instance_id}: git diff failed (exit {result.exit_code}): "
-                               f"{result.output[-2000:]}")
-        return result.output
+        return git_diff(self._run, self.task)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -120,6 +120,17 @@ def diff_script(base_commit: str) -> str:
     )
 
 
+def git_diff(run, task) -> str:
+    """The patch of the task's repository since its base commit, where `run(script, timeout, output_cap)`
+    executes inside the environment (a repository's git config is model-writable: core.fsmonitor runs
+    commands, so git never runs outside the sandbox)."""
+    result = run(diff_script(task.base_commit), 300, None)
+    if result.exit_code != 0:
+        raise RuntimeError(f"{task.instance_id}: git diff failed (exit {result.exit_code}): "
+                           f"{result.output[-2000:]}")
+    return result.output
+
+
 def open_environment(task, backend: str = "docker", **options) -> Environment:
     """A fresh environment for a task (rollout.tasks.Task): backend "docker" or "sandbox" (bubblewrap)."""
     if backend == "docker":
