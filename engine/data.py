@@ -40,10 +40,6 @@ class MicroBatch:
     weights: torch.Tensor     # [T] float32: 1 where the target is a trained token, else 0
     seqlens: list[int]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
 
 class SFTDataset:
     def __init__(self, files: list[str], tokenizer: Tokenizer, max_seq_len: int, long_policy: str = "truncate",
