@@ -1,5 +1,5 @@
 """Peak extra memory of token log-probs, forward + backward, on the CPU: the chunked fused path
-(kernels.ops.token_logprobs.token_logprobs_chunked) against the unfused logits + log_softmax path
+(kernels.reference.token_logprobs_chunked) against the unfused logits + log_softmax path
 (kernels.reference.token_logprobs), at Qwen2.5-0.5B's head (H=896, V=151936), fp32.
 
 How memory is measured: every run is a fresh Python process that creates its inputs, resets the kernel's
@@ -61,7 +61,7 @@ def make_inputs(tokens: int, drawn: int, hidden_size: int, vocab: int, dtype: to
 
 def worker(args) -> None:
     from kernels.reference import token_logprobs as unfused
-    from kernels.ops.token_logprobs import token_logprobs_chunked as fused
+    from kernels.reference import token_logprobs_chunked as fused
 
     dtype = getattr(torch, args.dtype)
     hidden, weight, targets, upstream = make_inputs(args.worker_tokens, args.tokens, args.hidden, args.vocab,

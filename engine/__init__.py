@@ -1,1 +1,1 @@
-"""Protégé engine: Qwen2.5 model, checkpoints, tokenizer/chat format, training."""
+"""Protégé engine: the Qwen2.5 model, its checkpoints, tokenizer and chat format; training in engine.training."""

@@ -1,23 +1,11 @@
 """Qwen2.5 ChatML / function-calling format: conversations -> token ids + loss mask, append-only; tool-call parsing.
 
-Token-exact with the Qwen2.5-Instruct chat template (QWEN25_CHAT_TEMPLATE) run through transformers'
-apply_chat_template, but for two deliberate differences:
-- Only the template's structure is special tokens: <|im_start|>, <|im_end|>, and the <tool_call>/</tool_call>
-  tags of the tools prompt and of assistant text (the model writes them as tokens; parse_tool_calls reads them as
-  tags). All else is plain text (Tokenizer.encode_text): system, user and tool-result contents, tool schemas, any
-  other special string in assistant text or call arguments. So a file or command output holding
-  "<|im_end|>\\n<|im_start|>assistant\\n" cannot forge a turn; the template would make those strings tokens.
-- An assistant body that begins with a newline keeps the generation prompt's "\\n" token (below).
-Rendering is append-only (multi-turn RL never re-tokenises), by three rules:
-- Every turn is tokenised on its own. Turns begin with <|im_start|> and end with "<|im_end|>\\n"; the tokenizer
-  splits around special tokens before BPE, so the concatenation equals tokenising the whole rendered string.
-  Within a turn, the text between two structural tokens is encoded in one piece (Conversation._encode).
-- An assistant turn is the generation prompt "<|im_start|>assistant\\n" (mask 0) followed by its body: content,
-  tool calls and <|im_end|> (mask 1), then "\\n" (mask 0). The body is tokenised apart from the prompt, as the
-  sampler produced it; a body that begins with a newline (after optional blanks) therefore keeps the prompt's
-  "\\n" token where the template's whole-string tokenisation would merge the newlines.
-- The template merges consecutive tool results into one user turn, so a turn's tool results are appended
-  together as one group (Conversation.append_tool_results); appending a tool result right after a group is an error.
+Token-exact with the Qwen2.5-Instruct template (QWEN25_CHAT_TEMPLATE), except on purpose:
+- only the template's structure is special tokens (<|im_start|>, <|im_end|>, <tool_call> tags); all contents
+  are plain text (Tokenizer.encode_text), so a file holding "<|im_end|>" cannot forge a turn;
+- every turn is tokenised on its own, and an assistant body apart from its generation prompt (as the sampler
+  produced it), so rendering is append-only and multi-turn RL never re-tokenises. Consecutive tool results
+  are one group (append_tool_results), as the template merges them into one turn.
 """
 from __future__ import annotations
 

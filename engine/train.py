@@ -13,8 +13,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the installed package, not this file's siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from engine.distributed import init_runtime, shutdown  # noqa: E402
-from engine.train_config import ConfigError, load_config  # noqa: E402
+from engine.training.runtime import init_runtime, shutdown  # noqa: E402
+from engine.training.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from engine.sft import run_sft
+    from engine.training.sft import run_sft
     try:
         run_sft(cfg, runtime, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:

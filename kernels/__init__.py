@@ -59,8 +59,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     if use_triton(hidden):
         from kernels.ops.token_logprobs import token_logprobs_triton
         return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy)
-    from kernels.ops.token_logprobs import token_logprobs_chunked
-    return token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy)
+    return reference.token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):

@@ -32,6 +32,35 @@ def check_like(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def check_token_logprobs_inputs(hidden, weight, targets, temperature) -> None:
+    def fail(msg):
+        raise ValueError(f"token_logprobs: {msg}")
+
+    if hidden.dim() != 2:
+        fail(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        fail(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        fail(f"hidden size differs: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        fail(f"targets must be [T] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        fail(f"hidden dtype {hidden.dtype} unsupported (float16, bfloat16 or float32)")
+    if weight.dtype != hidden.dtype:
+        fail(f"dtype mismatch: hidden {hidden.dtype} vs weight {weight.dtype}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        fail(f"targets must be int32 or int64 token ids, got {targets.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        fail(f"device mismatch: hidden {hidden.device}, weight {weight.device}, targets {targets.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        fail(f"temperature must be a finite number > 0, got {temperature!r}")
+    if targets.numel():
+        lo, hi = torch.stack([targets.min(), targets.max()]).tolist()  # one device sync
+        if lo < 0 or hi >= weight.shape[0]:
+            bad = lo if lo < 0 else hi
+            fail(f"target id {bad} out of range [0, {weight.shape[0]}) (vocabulary of the weight)")
+
+
 def rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """t as a 2-D [rows, n_cols] tensor whose last dimension is unit-stride (a view when possible)."""
     t2 = t.reshape(math.prod(t.shape[:-1]), n_cols)

@@ -67,21 +67,24 @@ class RewardConfig:
 
 @dataclass
 class ExpertCall:
-    """One ask_expert call as the reward sees it: where it happened and the hidden judge's scores."""
-    action_index: int             # position of the call among the trajectory's actions
-    warranted: float | None       # u_i in [0, 1]; None when the judge gave nothing usable
-    followed: float | None        # f_i in [0, 1]
-    refused: bool = False         # over the quota: the call was not answered
+    """One ask_expert call as the reward sees it: where it happened and the hidden judge's scores (the agent's
+    trajectory record extends it)."""
+    action_index: int                 # position of the call among the trajectory's actions
+    warranted: float | None = None    # u_i in [0, 1]; None when the judge gave nothing usable
+    followed: float | None = None     # f_i in [0, 1]
+    refused: bool = False             # over the quota: the call was not answered
 
 
 @dataclass
 class Action:
-    tool: str                     # "bash", "str_replace_editor", "submit", "ask_expert", ...
+    """One agent action as the reward sees it (the agent's trajectory record extends it)."""
+    tool: str                         # "bash", "str_replace_editor", "submit", "ask_expert", ...
     arguments: dict = field(default_factory=dict)
+    normalized: str | None = None     # normalize_action(tool, arguments), filled in when not given
 
-    @property
-    def normalized(self) -> str:
-        return normalize_action(self.tool, self.arguments)
+    def __post_init__(self):
+        if self.normalized is None:
+            self.normalized = normalize_action(self.tool, self.arguments)
 
 
 @dataclass
@@ -90,6 +93,11 @@ class RewardInput:
     actions: list[Action]
     expert_calls: list[ExpertCall]
     resolved: bool
+
+    def __post_init__(self):
+        if not isinstance(self.resolved, bool):   # None (not evaluated) must never score as unresolved
+            raise ValueError(f"RewardInput.resolved must be True or False, got {self.resolved!r} "
+                             f"(evaluate the final patch before scoring)")
     patch: str = ""
     gold_patch: str = ""
 
@@ -129,6 +137,17 @@ def loop_reward(streak_lengths: list[int], k1: int = 15, k2: int = 8, lam: float
     return max(cap, -lam * excess)
 
 
+def action_streaks(actions: list[Action]) -> list[int]:
+    """Lengths, in order, of the maximal runs of identical normalised actions (every tool: editor views are
+    navigation like grep and find)."""
+    return run_lengths([a.normalized for a in actions])
+
+
+def loop_penalty(actions: list[Action], k1: int = 15, k2: int = 8, lam: float = 0.5, cap: float = -10.0) -> float:
+    """R_loop of one trajectory's actions, in order."""
+    return loop_reward(action_streaks(actions), k1, k2, lam, cap)
+
+
 def gate(value: float, upper: float, lower: float) -> float:
     """0 if value <= lower, 0.5 if value <= upper, else 1."""
     if value <= lower:
@@ -149,7 +168,7 @@ def _mean(values: list[float]) -> float:
 
 def score(traj: RewardInput, cfg: RewardConfig, stage: str = "") -> RewardBreakdown:
     """Every term of the shaped reward for one trajectory under one stage's constants."""
-    runs = run_lengths([a.normalized for a in traj.actions])
+    runs = action_streaks(traj.actions)
     r_loop = loop_reward(runs, cfg.k1, cfg.k2, cfg.lam, cfg.loop_cap)
 
     answered = [c for c in traj.expert_calls if not c.refused]

@@ -1,6 +1,6 @@
-"""Rollouts: sampler, agent loop, environments, experts, trajectories."""
+"""Rollouts: the in-process sampler (rollout.sampler), the agent (rollout.agent), environments
+(rollout.envs), tasks, evaluation and trajectory collection."""
 
-from rollout.sampler import Sampler
-from rollout.sampling import SamplingParams
+from rollout.sampler import Sampler, SamplingParams
 
 __all__ = ["Sampler", "SamplingParams"]

@@ -19,15 +19,17 @@ from collections import Counter
 from pathlib import Path
 
 from engine.tokenizer import Tokenizer, qwen25_tokenizer
-from rewards import run_lengths
+from rewards import action_streaks
 from rewards.stats import loops
-from rollout.agent import AgentConfig, Job, run_batch
-from rollout.environment import open_environment
-from rollout.expert import AnthropicClient, AnthropicExpert, OracleExpert, Prices
-from rollout.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, gold_patch_steps
-from rollout.sampling import SamplingParams
+from rollout.agent.loop import AgentConfig, Job, run_batch
+from rollout.envs.base import open_environment
+from rollout.agent.client import AnthropicClient, Prices
+from rollout.agent.expert import AnthropicExpert
+from rollout.agent.oracle import OracleExpert
+from rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, gold_patch_steps
+from rollout.sampler.sampling import SamplingParams
 from rollout.tasks import load_tasks
-from rollout.trajectory import Trajectory, TrajectoryWriter
+from rollout.agent.trajectory import Trajectory, TrajectoryWriter
 
 SCRIPTED_TEST_COMMAND = "python3 -m pytest -q -p no:cacheprovider"
 
@@ -121,7 +123,7 @@ def summarize(trajectories: list[Trajectory], n_tasks: int, seconds: float, poli
         "policy_cost_usd": policy_cost,
         "errors": sum(t.termination == "error" for t in trajectories),
         "wall_seconds": round(seconds, 2),
-        "loop_rate": sum(loops(run_lengths([a.normalized for a in t.actions])) for t in trajectories) / n
+        "loop_rate": sum(loops(action_streaks(t.actions)) for t in trajectories) / n
         if n else 0.0,
     }
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         shared_policy = AnthropicPolicy(anthropic_client())
     elif args.policy == "sampler":
         from engine.model import Qwen2ForCausalLM
-        from rollout.sampler import Sampler
+        from rollout.sampler.sampler import Sampler
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, device=device)

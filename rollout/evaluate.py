@@ -12,7 +12,7 @@ from swebench.harness.constants import FAIL_TO_PASS, PASS_TO_PASS, TESTS_TIMEOUT
 from swebench.harness.grading import get_eval_report, get_logs_eval
 from swebench.harness.utils import make_test_spec
 
-from rollout.environment import Environment, open_environment
+from rollout.envs.base import Environment, open_environment
 from rollout.tasks import Task
 
 # Inside .git: never part of the repository's diff, writable in both backends.

@@ -20,6 +20,8 @@ from pathlib import Path
 from swebench.harness.constants import END_TEST_OUTPUT, START_TEST_OUTPUT, EvalType
 from swebench.harness.log_parsers import PARSER_REGISTRY
 
+from rewards.patches import new_files, patch_files, reverse_patch
+
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 BUNDLED_JSONL = BUNDLED_DIR / "instances.jsonl"
 TEST_COMMAND = "python3 -m pytest -rA -p no:cacheprovider"
@@ -216,117 +218,13 @@ def swebench_image_name(instance_id: str, namespace: str = "swebench") -> str:
     return f"{namespace}/sweb.eval.x86_64.{instance_id}:latest".lower().replace("__", "_1776_")
 
 
-# ---------------------------------------------------------------------------------------------- patches
-
-def patch_files(patch: str) -> list[str]:
-    """Paths a git patch touches (new side; old side for deletions), in order."""
-    files = []
-    for line in patch.splitlines():
-        if line.startswith("diff --git "):
-            files.append(line.split(" b/", 1)[1])
-    return files
-
-
-def _new_files(patch: str) -> set[str]:
-    new, current = set(), None
-    for line in patch.splitlines():
-        if line.startswith("diff --git "):
-            current = line.split(" b/", 1)[1]
-        elif line.startswith("new file mode") and current is not None:
-            new.add(current)
-    return new
-
-
-def reverse_patch(patch: str) -> str:
-    """The patch that undoes `patch` (like `git apply -R`), for text patches in git or plain unified format.
-
-    Within each block of changed lines the removals are written before the additions, as git writes them."""
-    swap_header = {"old mode ": "new mode ", "new mode ": "old mode ", "deleted file mode ": "new file mode ",
-                   "new file mode ": "deleted file mode ", "rename from ": "rename to ", "rename to ": "rename from "}
-    lines = patch.splitlines(keepends=True)
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("diff --git "):
-            a, b = line[len("diff --git a/"):].rstrip("\n").split(" b/", 1)
-            out.append(f"diff --git a/{b} b/{a}\n")
-        elif line.startswith("GIT binary patch") or line.startswith("Binary files ") or line.startswith("copy "):
-            raise ValueError("cannot reverse binary or copy patches")
-        elif line.startswith("index "):
-            ids, *mode = line[len("index "):].split(" ", 1)
-            old, new = ids.rstrip("\n").split("..")
-            out.append(f"index {new}..{old}" + (" " + mode[0] if mode else "\n"))
-        elif line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
-            old_path, new_path = line[4:].rstrip("\n"), lines[i + 1][4:].rstrip("\n")
-            out.append(f"--- {_swap_prefix(new_path)}\n+++ {_swap_prefix(old_path)}\n")
-            i += 1
-        elif line.startswith("@@ "):
-            i = _reverse_hunk(lines, i, out)
-            continue
-        else:
-            prefix = next((p for p in swap_header if line.startswith(p)), None)
-            out.append(swap_header[prefix] + line[len(prefix):] if prefix else line)
-        i += 1
-    return "".join(out)
-
-
-def _swap_prefix(path: str) -> str:
-    if path.startswith("a/"):
-        return "b/" + path[2:]
-    if path.startswith("b/"):
-        return "a/" + path[2:]
-    return path
-
-
-def _reverse_hunk(lines: list[str], i: int, out: list[str]) -> int:
-    header = lines[i]
-    try:
-        ranges, rest = header[3:].split(" @@", 1)
-        old, new = ranges.split(" ")
-        old_count = int(old.split(",")[1]) if "," in old else 1
-        new_count = int(new.split(",")[1]) if "," in new else 1
-    except (ValueError, IndexError):
-        raise ValueError(f"malformed hunk header {header.rstrip()!r}") from None
-    out.append(f"@@ -{new[1:]} +{old[1:]} @@{rest}")
-    i += 1
-    removed: list[str] = []  # reversed removals (the original additions), each with its "\ No newline" line
-    added: list[str] = []
-    last = None
-    while i < len(lines) and (old_count > 0 or new_count > 0 or lines[i].startswith("\\")):
-        line = lines[i]
-        if line.startswith("\\"):
-            if last is None:
-                raise ValueError(f"stray {line.rstrip()!r} in a hunk")
-            last[-1] += line
-        elif line[:1] == "-":
-            added.append("+" + line[1:])
-            last, old_count = added, old_count - 1
-        elif line[:1] == "+":
-            removed.append("-" + line[1:])
-            last, new_count = removed, new_count - 1
-        elif line[:1] in (" ", "\n"):
-            out.extend(removed + added)
-            removed, added = [], []
-            out.append(line)
-            last = out
-            old_count, new_count = old_count - 1, new_count - 1
-        else:
-            raise ValueError(f"hunk ends early (at {line.rstrip()!r})")
-        i += 1
-    if old_count > 0 or new_count > 0:
-        raise ValueError("hunk ends early (patch is truncated)")
-    out.extend(removed + added)
-    return i
-
-
 # ---------------------------------------------------------------------------------------------- eval script
 
 def default_eval_script(base_commit: str, test_patch: str, test_files: list[str],
                         test_command: str = TEST_COMMAND) -> str:
     """A swebench-style eval script (run in the repository root): reset the test files, apply the test
     patch, run the tests between the output markers, reset the test files again."""
-    new = _new_files(test_patch)
+    new = new_files(test_patch)
     existing = [f for f in test_files if f not in new]
     quoted = " ".join(_quote(f) for f in test_files)
     reset = []

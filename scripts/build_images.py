@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from rollout.images import build_images
+from rollout.envs.images import build_images
 from rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
 
 

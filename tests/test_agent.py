@@ -15,12 +15,14 @@ import torch
 from engine.config import ModelConfig
 from engine.model import Qwen2ForCausalLM
 from engine.tokenizer import qwen25_tokenizer, train_bpe_tokenizer
-from rollout import tools
-from rollout.agent import AgentConfig, Job, run_agent, run_batch
-from rollout.expert import AnthropicClient, AnthropicExpert, OracleExpert, Prices
-from rollout.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, Step, gold_patch_steps
-from rollout.sampler import Sampler
-from rollout.sampling import SamplingParams
+from rollout.agent import tools
+from rollout.agent.loop import AgentConfig, Job, run_agent, run_batch
+from rollout.agent.client import AnthropicClient, Prices
+from rollout.agent.expert import AnthropicExpert
+from rollout.agent.oracle import OracleExpert
+from rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, Step, gold_patch_steps
+from rollout.sampler.sampler import Sampler
+from rollout.sampler.sampling import SamplingParams
 from rollout.tasks import bundled_tasks
 from tests.anthropic_server import AnthropicTestServer, Reply
 
@@ -37,7 +39,7 @@ def task():
 
 
 def sandbox(task):
-    from rollout.env_sandbox import SandboxEnvironment
+    from rollout.envs.sandbox import SandboxEnvironment
     return SandboxEnvironment(task)
 
 
@@ -84,7 +86,7 @@ def test_scripted_gold_run_resolves_a_bundled_task_in_the_sandbox(task, env, tok
 
 @pytest.mark.docker
 def test_scripted_gold_run_resolves_a_bundled_task_in_docker(task, tok, bundled_images, docker_client):
-    from rollout.env_docker import DockerEnvironment
+    from rollout.envs.docker import DockerEnvironment
     with DockerEnvironment(bundled_images[task.instance_id], client=docker_client) as env:
         check_gold_run(task, env, tok, "docker")
 
@@ -271,9 +273,10 @@ def test_trajectories_run_concurrently(task, tok, sandbox_ready):
 
 # ------------------------------------------------------------------------------------------ sampler policy
 
-def im_end_model(tokenizer) -> Qwen2ForCausalLM:
-    """A real model rigged so that greedy decoding always emits <|im_end|>: with the attention and MLP outputs
-    zeroed the last hidden state is the (all-ones) embedding, and only <|im_end|>'s head row is non-zero."""
+def im_end_model(tokenizer, token: int | None = None) -> Qwen2ForCausalLM:
+    """A real model rigged so that greedy decoding always emits <|im_end|> (or `token`): with the attention and
+    MLP outputs zeroed the last hidden state is the (all-ones) embedding, and only that token's head row is
+    non-zero."""
     config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
     model = Qwen2ForCausalLM(config)
@@ -283,8 +286,49 @@ def im_end_model(tokenizer) -> Qwen2ForCausalLM:
             layer.mlp.down_proj.weight.zero_()
         model.model.embed_tokens.weight.fill_(1.0)
         model.lm_head.weight.zero_()
-        model.lm_head.weight[tokenizer.im_end_id] = 1.0
+        model.lm_head.weight[tokenizer.im_end_id if token is None else token] = 1.0
     return model
+
+
+def test_a_turn_ending_in_endoftext_ends_the_run_as_eos_not_context(task, env, tmp_path):
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
+    sampler = Sampler(im_end_model(tokenizer, tokenizer.endoftext_id), num_blocks=256,
+                      eos_token_ids=tokenizer.eos_ids)
+    policy = SamplerPolicy(sampler, SamplingParams(temperature=0))
+    try:
+        traj = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=3, judge=False))
+    finally:
+        policy.close()
+    assert traj.termination == "eos" and traj.steps == 1 and traj.error is None
+    last = traj.messages[-1]
+    assert last.token_ids[-1] == tokenizer.endoftext_id and last.loss_mask.count(1) == 1
+
+
+def test_a_failing_sampler_step_fails_its_turns_and_leaves_the_sampler_usable(task, env, tmp_path):
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
+
+    class FailsOnce(Sampler):
+        failed = False
+
+        def step(self):
+            if not self.failed:
+                self.failed = True
+                super().step()   # half a step's work done, then the failure
+                raise RuntimeError("device lost")
+            return super().step()
+
+    sampler = FailsOnce(im_end_model(tokenizer), num_blocks=256, eos_token_ids=tokenizer.eos_ids)
+    policy = SamplerPolicy(sampler, SamplingParams(temperature=0))
+    try:
+        failed = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=2, judge=False))
+        assert failed.termination == "error" and "device lost" in failed.error
+        assert not sampler.has_unfinished()
+        sampler.release()                 # raised "requests are still running" before
+        sampler.new_weight_version()
+        ok = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=2, judge=False))
+    finally:
+        policy.close()
+    assert ok.termination == "max_steps" and ok.steps == 2
 
 
 def test_sampler_policy_prompts_are_append_only(task, env, tmp_path):
@@ -333,7 +377,7 @@ def test_sampler_policy_turns_end_at_im_end_whatever_the_samplers_eos(task, env,
 
 def test_collect_cli_with_the_sampler_policy(tmp_path, sandbox_ready):
     from rollout.collect import main
-    from rollout.trajectory import load_trajectories
+    from rollout.agent.trajectory import load_trajectories
     checkpoint = tmp_path / "model"
     tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, checkpoint)
     im_end_model(tokenizer).save_pretrained(checkpoint)
@@ -424,7 +468,7 @@ def test_collect_cli_scripted_with_the_anthropic_expert_never_writes_the_key(tmp
     assert summary["resolve_rate"] == 1.0 and summary["termination"] == {"submitted": 4}
     assert summary["expert_calls_per_task"] == 1.0 and 0 < summary["expert_token_share"] < 0.2
     assert summary["loop_rate"] == 0.0 and summary["written"] == 4
-    from rollout.trajectory import load_trajectories
+    from rollout.agent.trajectory import load_trajectories
     trajectories = load_trajectories(out / "trajectories.jsonl")
     assert len(trajectories) == 4 and all(t.resolved for t in trajectories)
     assert all(t.expert_calls[0].answer == "The bug is in the loop bound." for t in trajectories)

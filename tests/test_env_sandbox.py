@@ -17,7 +17,7 @@ def task():
 
 @pytest.fixture
 def env(task, sandbox_ready, tmp_path):
-    from rollout.env_sandbox import SandboxEnvironment
+    from rollout.envs.sandbox import SandboxEnvironment
     with SandboxEnvironment(task, workdir=str(tmp_path), timeout=30, output_cap=1000) as environment:
         yield environment
 
@@ -72,7 +72,7 @@ def test_files_and_diff(env):
 def test_fifo_in_the_workspace_is_refused_not_waited_on(env):
     """A FIFO the model made: opening it from this (host) process would block forever."""
     import threading
-    from rollout import tools
+    from rollout.agent import tools
     assert env.run("mkfifo pipe").exit_code == 0
     errors = []
 
@@ -157,7 +157,7 @@ def test_host_daemon_sockets_are_out_of_reach(env):
 
 
 def test_refuses_without_bwrap(task, monkeypatch):
-    from rollout import env_sandbox
+    from rollout.envs import sandbox as env_sandbox
     monkeypatch.setattr(env_sandbox.shutil, "which", lambda name: None)
     env_sandbox._check_bwrap.cache_clear()
     try:
@@ -168,7 +168,7 @@ def test_refuses_without_bwrap(task, monkeypatch):
 
 
 def test_scripted_fix_resolves_end_to_end(task, sandbox_ready):
-    from rollout.env_sandbox import SandboxEnvironment
+    from rollout.envs.sandbox import SandboxEnvironment
     from rollout.evaluate import evaluate_patch
     with SandboxEnvironment(task) as env:
         patch = scripted_leap_year_fix(env, task)

@@ -5,9 +5,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from rollout.expert import (AnthropicClient, AnthropicExpert, JudgeCase, OracleExpert, Prices, parse_judge,
-                            parse_patch, patch_files)
-from rollout.trajectory import Action
+from rewards.patches import hunks, patch_files
+from rollout.agent.client import AnthropicClient, Prices
+from rollout.agent.expert import AnthropicExpert
+from rollout.agent.judge import JudgeCase, parse_judge
+from rollout.agent.oracle import OracleExpert
+from rollout.agent.trajectory import Action
 from tests.anthropic_server import AnthropicTestServer, Reply
 
 FAKE_KEY = "sk-ant-test-FAKE-KEY-0123456789abcdef"
@@ -177,15 +180,15 @@ def test_parse_judge_rejects_anything_else(text, why):
 
 
 def test_parse_patch_reads_hunks_by_their_counts():
-    hunks = parse_patch(GOLD)
-    assert [(h.path, h.old_start) for h in hunks] == [("pkg/calc.py", 10), ("pkg/calc.py", 20), ("pkg/new.py", 0)]
-    assert hunks[0].first_changed_line == 13 and hunks[0].context == "def helper():"
-    assert hunks[1].removed == ["    --- not a header ---"]
-    assert hunks[1].added == ["    +++ not a header either +++", "    return max(lo, min(x, hi))"]
-    assert hunks[2].new_text == "VALUE = 1\nOTHER = 2"
+    fix = hunks(GOLD)
+    assert [(h.path, h.old_start) for h in fix] == [("pkg/calc.py", 10), ("pkg/calc.py", 20), ("pkg/new.py", 0)]
+    assert fix[0].first_changed_line == 13 and fix[0].context == "def helper():"
+    assert fix[1].removed == ["    --- not a header ---"]
+    assert fix[1].added == ["    +++ not a header either +++", "    return max(lo, min(x, hi))"]
+    assert fix[2].new_text == "VALUE = 1\nOTHER = 2"
     assert patch_files(GOLD) == ["pkg/calc.py", "pkg/new.py"]
     with pytest.raises(ValueError, match="cut short"):
-        parse_patch(GOLD[:GOLD.index("+VALUE")])
+        hunks(GOLD[:GOLD.index("+VALUE")])
 
 
 def test_oracle_hint_points_at_the_bug_without_the_fix():
@@ -200,9 +203,10 @@ def test_oracle_hint_points_at_the_bug_without_the_fix():
 
 def test_oracle_judge_heuristic():
     oracle, task = OracleExpert(), FakeTask()
-    edit = Action(3, "str_replace_editor", {"command": "str_replace", "path": "/testbed/pkg/calc.py",
-                                            "old_str": "a", "new_str": "b"}, "edited")
-    view = Action(4, "str_replace_editor", {"command": "view", "path": "pkg/new.py"}, "viewed")
+    edit = Action(step=3, tool="str_replace_editor", observation="edited",
+                  arguments={"command": "str_replace", "path": "/testbed/pkg/calc.py", "old_str": "a", "new_str": "b"})
+    view = Action(step=4, tool="str_replace_editor", arguments={"command": "view", "path": "pkg/new.py"},
+                  observation="viewed")
     scores = oracle.judge(task, case(segment_actions=[edit, view]))
     assert (scores.warranted, scores.followed) == (1.0, 0.5)        # one of the two hinted files edited
     assert oracle.judge(task, case(previous_tool="ask_expert")).warranted == 0.0   # back to back

@@ -8,7 +8,7 @@ import transformers
 
 from engine.config import ModelConfig
 from engine.model import Qwen2ForCausalLM, _positions
-from engine.parallelize import apply_activation_checkpointing
+from engine.training.parallelize import apply_activation_checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [5, 1, 11, 4]

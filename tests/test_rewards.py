@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rewards
-from rewards import (NAVIGATION, Action, Curriculum, ExpertCall, RewardConfig, RewardInput, aggregate, gate,
-                     loop_penalty, loop_reward, normalize_action, normalize_command, patch_similarity, score,
+from rewards import (NAVIGATION, Action, Curriculum, ExpertCall, RewardConfig, RewardInput, action_streaks, aggregate,
+                     gate, loop_penalty, loop_reward, normalize_action, normalize_command, patch_similarity, score,
                      streaks)
 
 STAGE_I = Curriculum.default().stage_at(1).reward
@@ -17,6 +17,10 @@ STAGE_II = Curriculum.default().stage_at(81).reward
 def commands_with_streaks(lengths):
     # Distinct classes per run: make0, make1, ... (all normalise to different bases).
     return [f"tool{j} --flag {i}" for j, n in enumerate(lengths) for i in range(n)]
+
+
+def bash(commands):
+    return [Action("bash", {"command": c}) for c in commands]
 
 
 # ---------------------------------------------------------------- normalisation
@@ -86,14 +90,25 @@ def test_streaks():
     ([], 0.0),                                # the empty trajectory
 ])
 def test_loop_penalty_by_hand(lengths, expected):
-    assert loop_penalty(commands_with_streaks(lengths)) == pytest.approx(expected)
+    assert loop_penalty(bash(commands_with_streaks(lengths))) == pytest.approx(expected)
     assert streaks(commands_with_streaks(lengths)) == lengths
+
+
+def test_loop_penalty_counts_every_action_as_the_method_does():
+    # The method's runs are over normalised actions: an editor view is navigation like grep and find, so
+    # these 16 actions are one streak (-0.5 * (16 - 15 + 1) = -1); counting bash commands only would see a
+    # streak of 8 greps and no penalty.
+    view = Action("str_replace_editor", {"command": "view", "path": "a.py"})
+    actions = (bash(["grep -n x a.py"] * 4) + [view] * 4) * 2
+    assert action_streaks(actions) == [16]
+    assert loop_penalty(actions) == -1.0
+    assert score(RewardInput(actions, [], resolved=True), STAGE_I).R_loop == loop_penalty(actions)
 
 
 def test_loop_penalty_parameters():
     # k1=5, k2=3, lam=1, cap=-4: [6, 4] -> -(2 + 2) = -4 ; [6, 5] -> -(2 + 3) = -5 -> cap -4
-    assert loop_penalty(commands_with_streaks([6, 4]), k1=5, k2=3, lam=1.0, cap=-4.0) == -4.0
-    assert loop_penalty(commands_with_streaks([6, 2]), k1=5, k2=3, lam=1.0, cap=-4.0) == -2.0
+    assert loop_penalty(bash(commands_with_streaks([6, 4])), k1=5, k2=3, lam=1.0, cap=-4.0) == -4.0
+    assert loop_penalty(bash(commands_with_streaks([6, 2])), k1=5, k2=3, lam=1.0, cap=-4.0) == -2.0
 
 
 # ---------------------------------------------------------------- similarity
@@ -300,7 +315,7 @@ def test_adding_a_repeat_never_raises_loop_reward(lengths, data):
     assert loop_reward(longer) <= loop_reward(lengths)
     cmds = commands_with_streaks(lengths)
     cmds_longer = commands_with_streaks(longer)
-    assert loop_penalty(cmds_longer) <= loop_penalty(cmds)
+    assert loop_penalty(bash(cmds_longer)) <= loop_penalty(bash(cmds))
 
 
 tools = st.sampled_from(["bash", "ask_expert", "str_replace_editor", "submit"])
@@ -336,3 +351,8 @@ def test_ideal_trajectory_is_the_maximum(traj):
         assert score(ideal, cfg).R_total == pytest.approx(best)
         assert score(traj, cfg).R_total <= best + 1e-12
         assert math.isfinite(score(traj, cfg).R_total)
+
+
+def test_an_unevaluated_trajectory_is_not_scored_as_unresolved():
+    with pytest.raises(ValueError, match="resolved must be True or False, got None"):
+        RewardInput([], [], resolved=None)

@@ -268,7 +268,7 @@ def test_pool_sized_from_a_memory_budget(model):
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.6)])
 def test_sample_tokens_follows_the_truncated_distribution(top_k, top_p):
-    from rollout.sampling import sample_tokens
+    from rollout.sampler.sampling import sample_tokens
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -9.0])
     temperature, draws = 0.8, 20000
     probs = (logits.double() / temperature).softmax(-1)

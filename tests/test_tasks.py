@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import pytest
 
+from rewards.patches import patch_files, reverse_patch
 from rollout.tasks import (BUNDLED_JSONL, TaskFormatError, bundled_rows, bundled_tasks, load_tasks,
-                           materialize_repo, patch_files, reverse_patch, swebench_image_name)
+                           materialize_repo, swebench_image_name)
 
 ROWS = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()]
 # The rows as they appear elsewhere: without the bundled source directory (relative to instances.jsonl).

@@ -10,7 +10,7 @@ from kernels import reference
 
 tlp = importlib.import_module("kernels.ops.token_logprobs")
 
-IMPLS = {"triton": tlp.token_logprobs_triton, "chunked": tlp.token_logprobs_chunked}
+IMPLS = {"triton": tlp.token_logprobs_triton, "chunked": reference.token_logprobs_chunked}
 # (T, H, V, temperature): a nice shape, and an odd one (nothing a multiple of a block) at temperature != 1.
 SHAPES = {"nice": (64, 64, 512, 1.0), "odd": (37, 80, 1000, 0.7)}
 
@@ -44,8 +44,8 @@ def small_chunks(monkeypatch):
     multi-chunk path accumulates the weight gradient)."""
     monkeypatch.setattr(tlp, "BLOCK_T", 16)
     monkeypatch.setattr(tlp, "TRITON_CHUNK_ROWS", 16)
-    monkeypatch.setattr(tlp, "ROW_BLOCK", 16)
-    monkeypatch.setattr(tlp, "CHUNK_ROWS", 32)
+    monkeypatch.setattr(reference, "ROW_BLOCK", 16)
+    monkeypatch.setattr(reference, "CHUNK_ROWS", 32)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

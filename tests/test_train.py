@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data import DataError, SFTDataset
-from engine.train_config import ConfigError, load_config
+from engine.training.data import DataError, SFTDataset
+from rollout.agent.trajectory import Trajectory
+from engine.training.config import ConfigError, load_config
 from tests.sft_fixture import make_sft_setup, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_overfits_a_handful_and_checkpoint_loads_in_transformers(tmp_path):
 
 
 def test_resumed_metrics_drop_redone_steps_and_a_torn_line(tmp_path):
-    from engine.metrics import MetricsLog
+    from engine.training.metrics import MetricsLog
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
     log = MetricsLog(path, resume_step=2)  # resumed from the step-2 checkpoint: steps 3-4 will be redone
@@ -200,7 +201,9 @@ def test_data_errors_and_policies(setup, tmp_path):
 ])
 def test_trajectory_ids_and_masks_are_checked(setup, tmp_path, ids, mask, problem):
     path = tmp_path / "traj.jsonl"
-    path.write_text(json.dumps({"schema_version": 1, "messages": [{"token_ids": ids, "loss_mask": mask}]}) + "\n")
+    record = Trajectory("t", 0, "p", "e", termination="submitted").to_dict()
+    record["messages"] = [{"role": "assistant", "content": "x", "token_ids": ids, "loss_mask": mask}]
+    path.write_text(json.dumps(record) + "\n")
     ds = SFTDataset([str(path)], setup["tokenizer"], 256, vocab_size=setup["tokenizer"].vocab_size)
     with pytest.raises(DataError, match=rf"traj\.jsonl:1: {problem}"):
         ds.sample(0)

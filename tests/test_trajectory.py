@@ -4,18 +4,20 @@ are refused with the file, line and field named, and the rewards read the record
 import json
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from engine.chat import QWEN25_CHAT_TEMPLATE, parse_tool_calls
 from engine.tokenizer import qwen25_tokenizer
-from rollout import tools
-from rollout.agent import run_agent
-from rollout.expert import OracleExpert
-from rollout.policies import ScriptedPolicy, Step, gold_patch_steps
+from rollout.agent import tools
+from rollout.agent.loop import run_agent
+from rollout.agent.oracle import OracleExpert
+from rollout.agent.policies import ScriptedPolicy, Step, gold_patch_steps
 from rollout.tasks import bundled_tasks
-from rollout.trajectory import (SCHEMA_VERSION, Message, Trajectory, TrajectoryWriter, load_trajectories,
+from rollout.agent.trajectory import (SCHEMA_VERSION, Message, Trajectory, TrajectoryWriter, load_trajectories,
                                 save_trajectories)
 
 REFERENCE_TEMPLATE = Path("/work/shared/reference/qwen2.5-chat-template.jinja")
@@ -29,7 +31,7 @@ def tok():
 @pytest.fixture(scope="module")
 def traj(tok, sandbox_ready):
     """A real trajectory: the gold script plus a malformed turn, run in the sandbox."""
-    from rollout.env_sandbox import SandboxEnvironment
+    from rollout.envs.sandbox import SandboxEnvironment
     task = next(t for t in bundled_tasks() if t.instance_id.endswith("roman-1"))
     steps = gold_patch_steps(task, "python3 -m pytest -q -p no:cacheprovider")
     steps.insert(1, Step(raw="Let me think. «Zurück» 😀 <tool_call>\n{not json}\n</tool_call>"))
@@ -108,7 +110,12 @@ def test_easy_views_for_rewards_and_training(traj):
     assert traj.gold_patch and "roman" in traj.final_patch
     assert all(a.normalized for a in traj.actions)
     import rewards
+    assert traj.resolved is None   # run_agent does not evaluate: scoring it as unresolved would be a lie
+    with pytest.raises(ValueError, match="not evaluated"):
+        traj.reward_input()
+    traj = replace(traj, resolved=False)
     reward_input = traj.reward_input()
+    assert isinstance(reward_input.actions[0], rewards.Action) and reward_input.resolved is False
     assert [a.tool for a in reward_input.actions] == [a.tool for a in traj.actions]
     breakdown = rewards.score(reward_input, rewards.RewardConfig())
     assert breakdown.expert_calls == 1 and breakdown.R_loop == 0.0

@@ -1,12 +1,10 @@
 """Fused lm_head + log-softmax: log p(target) (and optionally the entropy) of every token under
 softmax(hidden @ weight.T / temperature), without ever holding the [T, V] logits.
 
-Two implementations with the same contract:
-- token_logprobs_triton: the logits are computed tile by tile inside the kernels (tl.dot, fp32 accumulation)
-  with an online logsumexp over fixed vocabulary splits; the backward recomputes the logits of one chunk of
-  rows at a time, turns them into d logits, and multiplies (dH = dlogits @ W, dW += dlogits^T @ H).
-- token_logprobs_chunked: the PyTorch path (CPU): logits of ROW_BLOCK rows at a time in the forward, of
-  CHUNK_ROWS rows at a time in the backward, then the same two matmuls.
+The logits are computed tile by tile inside the kernels (tl.dot, fp32 accumulation) with an online
+logsumexp over fixed vocabulary splits; the backward recomputes the logits of one chunk of rows at a time,
+turns them into d logits, and multiplies (dH = dlogits @ W, dW += dlogits^T @ H). The PyTorch path with the
+same contract is kernels.reference.token_logprobs_chunked.
 
 Both are batch-invariant: a row's result never depends on T or on the other rows, because every tile, split
 and block has a fixed shape (the sampler calls this function on the last hidden states and must get exactly
@@ -17,13 +15,11 @@ Gradients (z = logits / temperature, p = softmax(z), lse = logsumexp(z), E = sum
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import check_float_tensor
+from kernels._validate import check_float_tensor, check_token_logprobs_inputs
 
 # Triton tiles. V_SPLIT columns of the vocabulary per program in the forward: fixed (never derived from T)
 # so that a row's online-softmax order is the same in every call; small enough to fill the GPU at decode.
@@ -33,45 +29,6 @@ COMBINE_BLOCK = 128
 MATMUL_BLOCK = 64
 # Rows per backward chunk: the [chunk, V] d-logits buffer is the op's largest temporary.
 TRITON_CHUNK_ROWS = 2048
-
-# PyTorch path: logits are computed ROW_BLOCK rows at a time, zero-padded to exactly ROW_BLOCK rows, because
-# the BLAS picks its kernel (and its summation order) from the matrix shape (MKL sums a lone row differently).
-# 64 rows cost about what 16 do on the CPU (small-M GEMMs are slow). The backward handles CHUNK_ROWS rows at a
-# time: its [CHUNK_ROWS, V] logits and d-logits buffers are the op's largest temporaries.
-ROW_BLOCK = 64
-CHUNK_ROWS = 256
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_inputs(hidden, weight, targets, temperature):
-    def fail(msg):
-        raise ValueError(f"token_logprobs: {msg}")
-
-    if hidden.dim() != 2:
-        fail(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        fail(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        fail(f"hidden size differs: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
-    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
-        fail(f"targets must be [T] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
-    if hidden.dtype not in _DTYPES:
-        fail(f"hidden dtype {hidden.dtype} unsupported (float16, bfloat16 or float32)")
-    if weight.dtype != hidden.dtype:
-        fail(f"dtype mismatch: hidden {hidden.dtype} vs weight {weight.dtype}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        fail(f"targets must be int32 or int64 token ids, got {targets.dtype}")
-    if not (hidden.device == weight.device == targets.device):
-        fail(f"device mismatch: hidden {hidden.device}, weight {weight.device}, targets {targets.device}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        fail(f"temperature must be a finite number > 0, got {temperature!r}")
-    if targets.numel():
-        lo, hi = torch.stack([targets.min(), targets.max()]).tolist()  # one device sync
-        if lo < 0 or hi >= weight.shape[0]:
-            bad = lo if lo < 0 else hi
-            fail(f"target id {bad} out of range [0, {weight.shape[0]}) (vocabulary of the weight)")
-
 
 # ----------------------------------------------------------------------------------------------- Triton
 
@@ -279,104 +236,9 @@ class _TritonTokenLogprobs(torch.autograd.Function):
 
 def token_logprobs_triton(hidden, weight, targets, temperature=1.0, return_entropy=False):
     """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) via the fused Triton kernels."""
-    _check_inputs(hidden, weight, targets, temperature)
+    check_token_logprobs_inputs(hidden, weight, targets, temperature)
     check_float_tensor("token_logprobs", "hidden", hidden)  # a CUDA tensor, or the interpreter
     logp, entropy = _TritonTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
     return (logp, entropy) if return_entropy else logp
 
 
-# ---------------------------------------------------------------------------------------------- PyTorch
-
-def _logit_blocks(hidden, weight, temperature):
-    """For the rows in blocks of ROW_BLOCK: (first row, rows, z) where z is the block's fp32
-    logits / temperature, always computed as exactly ROW_BLOCK (zero-padded) rows. As the reference, the matmul
-    runs in the input dtype. The buffers are reused from block to block (fresh large CPU allocations cost page
-    faults), so z is only valid until the next block."""
-    V, H = weight.shape
-    z = torch.empty(ROW_BLOCK, V, dtype=torch.float32, device=hidden.device)
-    logits = z if hidden.dtype == torch.float32 else torch.empty(ROW_BLOCK, V, dtype=hidden.dtype,
-                                                                  device=hidden.device)
-    rows_in = torch.zeros(ROW_BLOCK, H, dtype=hidden.dtype, device=hidden.device)
-    for first in range(0, hidden.shape[0], ROW_BLOCK):
-        n = min(hidden.shape[0], first + ROW_BLOCK) - first
-        rows_in[:n] = hidden[first:first + n]
-        rows_in[n:] = 0
-        torch.mm(rows_in, weight.t(), out=logits)
-        if logits is not z:
-            z.copy_(logits)
-        yield first, n, z.div_(temperature)
-
-
-class _ChunkedTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, return_entropy):
-        T, V = hidden.shape[0], weight.shape[0]
-        outs = torch.empty(4, T, dtype=torch.float32, device=hidden.device)
-        logp, lse, entropy, mean_z = outs.unbind(0)
-        targets = targets.long()
-        p = torch.empty(ROW_BLOCK, V, dtype=torch.float32, device=hidden.device)
-        for first, n, z in _logit_blocks(hidden, weight, temperature):
-            rows = slice(first, first + n)
-            # Reductions over the whole padded block: their parallel split depends on the shape only.
-            m = z.amax(-1, keepdim=True)
-            s = torch.sub(z, m, out=p).exp_().sum(-1)
-            block_lse = m.squeeze(1) + s.log()
-            e = p.mul_(z).sum(-1)
-            lse[rows] = block_lse[:n]
-            mean_z[rows] = (e / s)[:n]
-            logp[rows] = z[:n].gather(1, targets[rows, None]).squeeze(1) - block_lse[:n]
-        torch.sub(lse, mean_z, out=entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.temperature, ctx.return_entropy = temperature, return_entropy
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        (T, H), V = hidden.shape, weight.shape[0]
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_logp, grad_entropy = grad_logp.float()[:, None], grad_entropy.float()[:, None]
-        lse, mean_z, targets = lse[:, None], mean_z[:, None], targets[:, None]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if need_weight else None
-        # Gradients need not be batch-invariant: recompute the logits a whole chunk at a time (one large
-        # matmul is about twice as fast on the CPU as ROW_BLOCK-row ones).
-        rows = min(T, CHUNK_ROWS)
-        z = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
-        logits = z if hidden.dtype == torch.float32 else torch.empty(rows, V, dtype=hidden.dtype,
-                                                                      device=hidden.device)
-        dz = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
-        for c0 in range(0, T, CHUNK_ROWS):
-            c = slice(c0, min(T, c0 + CHUNK_ROWS))
-            n = c.stop - c0
-            zc, d = z[:n], dz[:n]
-            torch.mm(hidden[c], weight.t(), out=logits[:n])
-            if logits is not z:
-                zc.copy_(logits[:n])
-            zc.div_(ctx.temperature)
-            p = torch.sub(zc, lse[c], out=d).exp_()
-            if ctx.return_entropy:  # zc <- g_entropy * p * (E - z)
-                zc.neg_().add_(mean_z[c]).mul_(p).mul_(grad_entropy[c])
-            d = p.mul_(grad_logp[c].neg())
-            if ctx.return_entropy:
-                d.add_(zc)
-            d.scatter_add_(1, targets[c], grad_logp[c]).div_(ctx.temperature)
-            d = d.to(weight.dtype)
-            if need_hidden:
-                torch.mm(d, weight, out=grad_hidden[c])
-            if need_weight:
-                if d.dtype == torch.float32:
-                    grad_weight.addmm_(d.t(), hidden[c])
-                else:
-                    grad_weight += (d.t() @ hidden[c]).float()
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
-
-
-def token_logprobs_chunked(hidden, weight, targets, temperature=1.0, return_entropy=False):
-    """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) in PyTorch, ROW_BLOCK rows at a time;
-    peak extra memory O(CHUNK_ROWS x V) (in the backward)."""
-    _check_inputs(hidden, weight, targets, temperature)
-    logp, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
-    return (logp, entropy) if return_entropy else logp

@@ -1,18 +1,15 @@
 """Continuous batching: which tokens of which sequences go through the model in the next step.
 
-Each step fills a token budget: running sequences first, oldest first (a decoding sequence takes one token, a
-prefilling one a chunk of its prompt), then waiting sequences are admitted in arrival order while blocks
-(beyond a 1% reserve for the running ones' growth) and sequence slots last. When a running sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it goes back to the head of the queue, to be recomputed later (its cached
-full blocks usually survive in the prefix cache). A step never fails for lack of memory unless a single
-sequence cannot fit in the whole pool.
+A step fills a token budget: running sequences first (one decode token, or a prefill chunk), then waiting ones
+in arrival order while blocks (beyond a 1% reserve) and slots last. Out of blocks, the newest running sequence
+is preempted and later recomputed (its full blocks usually survive in the prefix cache).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from rollout.sequence import Sequence, Status
+from rollout.sampler.sequence import Sequence, Status
 
 
 @dataclass

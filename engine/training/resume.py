@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from engine.checkpoint import save_state_dict
-from engine.distributed import Runtime, barrier
+from engine.training.runtime import Runtime, barrier
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 

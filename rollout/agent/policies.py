@@ -9,13 +9,14 @@ return the generated token ids and their log-probs, which the trajectory keeps v
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from engine.chat import ToolCall, ToolCallParseError, format_assistant_body, parse_tool_calls
-from rollout import tools
-from rollout.expert import AnthropicClient, parse_patch, patch_files
-from rollout.sampling import SamplingParams
+from rollout.agent import tools
+from rewards.patches import hunks, patch_files
+from rollout.agent.client import AnthropicClient
+from rollout.sampler.sampling import SamplingParams
+from rollout.sampler.server import SamplerServer
 
 
 @dataclass
@@ -55,16 +56,16 @@ def gold_patch_steps(task, test_command: str | None = None, ask_expert: bool = T
     """A script that fixes a task the way a careful agent would, from its gold patch: view each file to
     change, ask the expert, apply each hunk with str_replace (or create a new file), run the tests,
     submit. Used for end-to-end tests and as seed SFT data."""
-    hunks = parse_patch(task.patch)
-    if not hunks:
+    fix = hunks(task.patch)
+    if not fix:
         raise ValueError(f"task {task.instance_id}: the gold patch has no hunks")
-    new_files = {h.path for h in hunks if h.old_start == 0}
+    new_files = {h.path for h in fix if h.old_start == 0}
     steps = [Step(tools.EDITOR, {"command": "view", "path": path}, thought=f"Let me look at {path}.")
              for path in patch_files(task.patch) if path not in new_files]
     if ask_expert:
         steps.append(Step(tools.ASK_EXPERT, {"question": "I have read the files that look relevant. Where exactly "
                                                          "is the bug, and what is wrong there?"}))
-    for h in hunks:
+    for h in fix:
         if h.path in new_files:
             steps.append(Step(tools.EDITOR, {"command": "create", "path": h.path, "file_text": h.new_text + "\n"},
                               thought=f"{h.path} is missing; I create it."))
@@ -124,75 +125,32 @@ class AnthropicPolicy:
 
 
 class SamplerPolicy:
-    """The model being trained, through rollout.sampler.Sampler, shared by concurrent trajectories.
+    """The model being trained, through the in-process sampler, shared by concurrent trajectories.
 
     A turn's prompt is the Conversation's token ids plus the generation prompt: the previous prompt, the
-    tokens the sampler generated, then the new observation's tokens, never a re-render. act() queues the
-    prompt and waits; one engine thread admits queued prompts and steps the sampler while any request
-    runs, so every trajectory waiting for its model turn decodes in the same batch. Each turn may generate
+    tokens the sampler generated, then the new observation's tokens, never a re-render. Every trajectory
+    waiting for its model turn decodes in the same batch (rollout.sampler.server). Each turn may generate
     up to the room left in the agent's context (and params.max_tokens); a cut generation ends the run."""
 
     def __init__(self, sampler, params: SamplingParams = SamplingParams(temperature=1.0), name: str = "sampler"):
         self.sampler, self.name = sampler, name
         self.params = replace(params, n=1, logprobs=True, on_context_overflow="finish")
-        self._queue: list[tuple[list[int], SamplingParams, Future]] = []
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self.server = SamplerServer(sampler)
 
     def act(self, messages: list[dict], conversation, max_new_tokens: int) -> Turn:
         prompt = conversation.ids + conversation.generation_prompt
         # <|im_end|> ends a turn whatever EOS ids the sampler has (a base model's config names <|endoftext|>).
         params = replace(self.params, max_tokens=max(1, min(self.params.max_tokens, max_new_tokens)),
                          stop_token_ids=(*self.params.stop_token_ids, conversation.tokenizer.im_end_id))
-        future: Future = Future()
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("SamplerPolicy is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="sampler-policy", daemon=True)
-                self._thread.start()
-            self._queue.append((prompt, params, future))
-            self._wake.notify()
-        completion = future.result()
+        completion = self.server.generate(prompt, params)
         if not completion.token_ids:   # the prompt alone fills the sampler's context
             raise ContextFull(f"the prompt of {len(prompt)} tokens leaves no room to generate")
         text = conversation.tokenizer.decode(completion.token_ids, skip_special_tokens=False)
         return Turn(text.removesuffix("<|im_end|>"), list(completion.token_ids), list(completion.logprobs))
 
-    def _serve(self) -> None:
-        waiting: dict[int, Future] = {}
-        while True:
-            with self._wake:
-                while not self._queue and not waiting and not self._closed:
-                    self._wake.wait()
-                if self._closed and not self._queue and not waiting:
-                    return
-                queued, self._queue = self._queue, []
-            for prompt, params, future in queued:
-                try:
-                    waiting[self.sampler.add_request(prompt, params)] = future
-                except Exception as e:  # noqa: BLE001 -- a bad prompt fails its own trajectory only
-                    future.set_exception(e)
-            if not waiting:
-                continue
-            try:
-                finished = self.sampler.step()
-            except Exception as e:  # noqa: BLE001 -- the sampler is broken: fail everyone waiting on it
-                for future in waiting.values():
-                    future.set_exception(e)
-                waiting.clear()
-                continue
-            for output in finished:
-                waiting.pop(output.request_id).set_result(output.completions[0])
-
     def close(self) -> None:
-        """Stop the engine thread once the running requests are done (the sampler can then be released)."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+        """Stop serving once the running requests are done (the sampler can then be released)."""
+        self.server.close()
 
 
 class ContextFull(Exception):

@@ -15,15 +15,14 @@ import torch
 from torch import nn
 
 import kernels
-from engine.config import ModelConfig
-from engine.data import DataError, GlobalBatches, MicroBatch, Sample, SFTDataset, make_micro_batch, pack_micro_batches
-from engine.distributed import Runtime, all_reduce, shard
-from engine.metrics import MetricsLog, peak_memory_bytes, plot_loss, training_flops
 from engine.model import Qwen2ForCausalLM
-from engine.parallelize import apply_activation_checkpointing
-from engine.resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from engine.tokenizer import Tokenizer
-from engine.train_config import ConfigError, TrainConfig, save_config
+from engine.training.config import ConfigError, TrainConfig, save_config
+from engine.training.data import DataError, GlobalBatches, MicroBatch, Sample, SFTDataset, make_micro_batch, pack_micro_batches
+from engine.training.metrics import MetricsLog, peak_memory_bytes, plot_loss, training_flops
+from engine.training.parallelize import build_training_model
+from engine.training.resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from engine.training.runtime import Runtime, all_reduce
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,26 +39,6 @@ class TokenNLL(nn.Module):
         hidden = self.model(input_ids, cu_seqlens=cu_seqlens, return_hidden=True)
         logp = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets)
         return -(logp * weights).sum()
-
-
-def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype: torch.dtype,
-                 activation_checkpointing: bool) -> tuple[Qwen2ForCausalLM, TokenNLL]:
-    """The model built on the meta device and sharded first, then filled: rank 0 reads the checkpoint (on the
-    CPU) and each rank receives only its shards, so no GPU ever holds the whole model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(ModelConfig.from_json(path))
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    root = TokenNLL(model)
-    shard(root, list(model.model.layers), runtime, compute_dtype)
-    root.to_empty(device=runtime.device)
-    full = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).state_dict() if runtime.is_main else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    model.source_dir = path
-    return model, root
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -88,18 +67,8 @@ def run_sft(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
 
     compute_dtype = _DTYPES[cfg.model.compute_dtype] if cfg.model.compute_dtype != "auto" else (
         torch.bfloat16 if runtime.device.type == "cuda" else torch.float32)
-    if runtime.sharded:
-        model, root = load_sharded(cfg.model.path, _DTYPES[cfg.model.dtype], runtime, compute_dtype,
-                                   cfg.model.activation_checkpointing)
-    else:
-        if compute_dtype != _DTYPES[cfg.model.dtype]:
-            raise ConfigError(f"model.compute_dtype={cfg.model.compute_dtype} differs from model.dtype="
-                              f"{cfg.model.dtype}: mixed precision needs the FSDP path (CUDA or torchrun)")
-        model = Qwen2ForCausalLM.from_pretrained(cfg.model.path, dtype=_DTYPES[cfg.model.dtype],
-                                                 device=runtime.device)
-        if cfg.model.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        root = TokenNLL(model)
+    model, root = build_training_model(cfg.model.path, _DTYPES[cfg.model.dtype], compute_dtype, runtime,
+                                       cfg.model.activation_checkpointing, TokenNLL)
     model.exact = cfg.model.exact
 
     t = cfg.train

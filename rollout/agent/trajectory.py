@@ -11,8 +11,10 @@ import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import rewards
+
 SCHEMA_VERSION = 1
-TERMINATIONS = ("submitted", "max_steps", "context", "budget", "error")
+TERMINATIONS = ("submitted", "max_steps", "context", "eos", "budget", "error")
 
 
 @dataclass
@@ -32,15 +34,13 @@ class Message:
                              f"{sum(self.loss_mask)} generated tokens")
 
 
-@dataclass
-class Action:
+@dataclass(kw_only=True)
+class Action(rewards.Action):
+    """tool, arguments, normalized (rewards.Action), and what the agent saw."""
     step: int                          # the agent turn (0-based) that produced it
-    tool: str                          # bash, str_replace_editor, submit, ask_expert; "invalid" when unparsable
-    arguments: dict
     observation: str                   # what the agent was shown
     exit_code: int | None = None       # bash only
     error: str | None = None           # why the call failed (parse error, bad arguments, failed edit)
-    normalized: str | None = None      # rewards.normalize_action(tool, arguments), set by the agent loop
 
     @property
     def command(self) -> str | None:
@@ -48,10 +48,10 @@ class Action:
         return self.arguments.get("command") if self.tool == "bash" else None
 
 
-@dataclass
-class ExpertCall:
+@dataclass(kw_only=True)
+class ExpertCall(rewards.ExpertCall):
+    """action_index, warranted, followed, refused (rewards.ExpertCall), and the call's record."""
     step: int
-    action_index: int                  # position of the ask_expert action among the trajectory's actions
     question: str
     answer: str | None                 # the guidance; None when the call failed or was refused
     observation_tokens: int = 0        # tokens the agent received for it (the expert's share of the context)
@@ -60,9 +60,6 @@ class ExpertCall:
     cost_usd: float = 0.0
     retries: int = 0
     error: str | None = None           # why the call failed (expert unreachable, ...)
-    refused: bool = False              # over the quota: not sent to the expert
-    warranted: float | None = None     # hidden judge, 0..1 (None: not judged or unusable judge output)
-    followed: float | None = None
     judge_fallback: bool = False       # the judge's output was unusable, scores are None
     judge_note: str = ""
     judge_cost_usd: float = 0.0        # the judge's own cost (not charged to the agent's budget)
@@ -112,14 +109,13 @@ class Trajectory:
     def expert_cost_usd(self) -> float:
         return sum(c.cost_usd for c in self.expert_calls)
 
-    def reward_input(self):
-        """The view rewards.score takes (imports rewards, which lives beside this package)."""
-        import rewards
-        return rewards.RewardInput(
-            actions=[rewards.Action(a.tool, a.arguments) for a in self.actions],
-            expert_calls=[rewards.ExpertCall(c.action_index, c.warranted, c.followed, c.refused)
-                          for c in self.expert_calls],
-            resolved=bool(self.resolved), patch=self.final_patch, gold_patch=self.gold_patch)
+    def reward_input(self) -> rewards.RewardInput:
+        """The view rewards.score takes; refused while the final patch is not evaluated (resolved is None)."""
+        if self.resolved is None:
+            raise ValueError(f"trajectory {self.task_id}#{self.attempt} is not evaluated (resolved is None): "
+                             f"evaluate its final patch before scoring it")
+        return rewards.RewardInput(actions=list(self.actions), expert_calls=list(self.expert_calls),
+                                   resolved=self.resolved, patch=self.final_patch, gold_patch=self.gold_patch)
 
     def to_dict(self) -> dict:
         return asdict(self)

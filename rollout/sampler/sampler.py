@@ -17,11 +17,11 @@ import torch
 
 import kernels
 from engine import _C
-from rollout.kv_cache import KVCache, bytes_per_block
-from rollout.model_runner import ModelRunner
-from rollout.sampling import SamplingParams, sample_tokens
-from rollout.scheduler import Scheduler
-from rollout.sequence import Completion, RequestOutput, Sequence, Status
+from rollout.sampler.kv_cache import KVCache, bytes_per_block
+from rollout.sampler.model_runner import ModelRunner
+from rollout.sampler.sampling import SamplingParams, sample_tokens
+from rollout.sampler.scheduler import Scheduler
+from rollout.sampler.sequence import Completion, RequestOutput, Sequence, Status
 
 
 @dataclass
@@ -123,6 +123,17 @@ class Sampler:
         if self.kv_cache is not None:
             self.kv_cache.release()
             self.kv_cache = self.block_manager = self.scheduler = self.runner = None
+
+    def abort_all(self) -> list[int]:
+        """Drop every unfinished request, and the KV pool with them (a failed step may have left it half
+        updated): the sampler is idle and usable again. Returns the dropped request ids."""
+        dropped = sorted(set(self._requests) | {out.request_id for out in self._done})
+        self._requests.clear()
+        self._done.clear()
+        if self.kv_cache is not None:
+            self.kv_cache.release()
+            self.kv_cache = self.block_manager = self.scheduler = self.runner = None
+        return dropped
 
     def new_weight_version(self) -> int:
         """The model's weights changed: cached prefixes (computed with the old ones) are never served again.

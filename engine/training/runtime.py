@@ -1,4 +1,4 @@
-"""Process group, device choice and FSDP2 sharding -- applied to the model from outside."""
+"""The process group and device of this process (torchrun or one process), and tiny collectives."""
 from __future__ import annotations
 
 import os
@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from engine.train_config import ConfigError
+from engine.training.config import ConfigError
 
 
 @dataclass
@@ -57,21 +56,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dtype: torch.dtype) -> None:
-    """FSDP2: one parameter group per decoder layer, the rest (embedding, final norm, head) in the root's.
-    Parameters keep their stored dtype (the fp32 master copy); compute runs in `compute_dtype` and gradients
-    are reduced in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for i, layer in enumerate(layers):
-        # The last layer's parameters are needed again first in the backward: keep them gathered.
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
 
 
 def all_reduce(values: list[float], op: str, runtime: Runtime) -> list[float]:

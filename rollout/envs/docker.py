@@ -16,7 +16,7 @@ import threading
 import docker
 import docker.errors
 
-from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
+from rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
 from rollout.tasks import Task
 
 LABEL = "protege.env"  # value: the pid of the process that owns the container

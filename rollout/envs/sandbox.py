@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from rollout.environment import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
+from rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
 from rollout.tasks import Task, materialize_repo
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout.sampling import SamplingParams
+from rollout.sampler.sampling import SamplingParams
 
 
 class Status(enum.Enum):

@@ -1,6 +1,6 @@
 """The built-in default job: phase 1 end to end on a CPU in minutes.
 
-    python -m engine.quickstart [--out runs/quickstart]
+    python -m engine.training.quickstart [--out runs/quickstart]
 
 1. trains a small byte-level BPE tokenizer on the bundled tasks' text (offline, milliseconds);
 2. collects expert-augmented SFT trajectories on the bundled tasks: the scripted policy replays each
@@ -24,17 +24,20 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.distributed import init_runtime
+from engine.training.runtime import init_runtime
 from engine.model import Qwen2ForCausalLM
-from engine.sft import run_sft
+from engine.training.sft import run_sft
 from engine.tokenizer import Tokenizer, train_bpe_tokenizer
-from engine.train_config import load_config
+from engine.training.config import load_config
+
+
+MARKER = ".protege-quickstart"   # in --out: this directory is the quickstart's own, safe to replace
 
 
 def tokenizer_corpus() -> list[str]:
-    from rollout.agent import SYSTEM_PROMPT, TASK_PROMPT
+    from rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
     from rollout.tasks import BUNDLED_DIR, bundled_tasks
-    from rollout.tools import TOOLS
+    from rollout.agent.tools import TOOLS
     texts = [SYSTEM_PROMPT, TASK_PROMPT, json.dumps(TOOLS)]
     for task in bundled_tasks():
         texts += [task.problem_statement, task.patch, task.test_patch]
@@ -58,19 +61,25 @@ def sampler_policy(checkpoint: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.quickstart", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine.training.quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=100, help="SFT optimizer steps")
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     p.add_argument("--skip-eval", action="store_true", help="do not measure resolve rates with the sampler")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        print(f"error: --out {out} is a non-empty directory that no quickstart wrote (no {MARKER} in it); "
+              f"nothing was deleted: choose a new or empty directory", file=sys.stderr)
+        return 2
     if shutil.which("bwrap") is None:
         print("error: the quickstart runs agent commands in a bubblewrap sandbox, and `bwrap` is not installed "
               "(scripts/setup.sh installs it as root: apt-get install bubblewrap)", file=sys.stderr)
         return 2
-    out = Path(args.out)
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)   # a previous quickstart's output (checked above)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by python -m engine.training.quickstart; it replaces this directory\n")
     base = out / "base-model"
     started = time.perf_counter()
 

@@ -3,7 +3,7 @@
 One step is one assistant turn holding exactly one tool call. A turn that cannot be parsed, has no call,
 or has several gets an error observation and still counts as a step. The run ends with one of:
 submitted, max_steps, context (the conversation reached max_context_tokens or a generation was cut
-short), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
+short), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
 Whatever the ending, the final patch is the repository's diff at that point. Afterwards the hidden judge
 scores every answered expert call. run_batch runs many (task, policy) jobs on threads, so a slow command
 holds up only its own trajectory."""
@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 from engine.chat import Conversation, ToolCallParseError, parse_tool_calls
 from engine.tokenizer import Tokenizer
-from rewards import normalize_action
-from rollout import tools
-from rollout.environment import Environment
-from rollout.expert import JudgeCase
-from rollout.policies import ContextFull
-from rollout.trajectory import Action, ExpertCall, Message, Trajectory
+from rollout.agent import tools
+from rollout.envs.base import Environment
+from rollout.agent.judge import JudgeCase
+from rollout.agent.policies import ContextFull
+from rollout.agent.trajectory import Action, ExpertCall, Message, Trajectory
 
 SYSTEM_PROMPT = """You are an expert software engineer working in a code repository to resolve an issue. \
 Each turn, call exactly one tool. Explore the code, reproduce the problem, make a minimal fix to the \
@@ -88,7 +87,7 @@ class _Run:
             problem = "no tool call" if not calls else f"{len(calls)} tool calls (none was run)"
             return self._invalid(step, f"Call exactly one tool per turn; your message had {problem}.")
         name, arguments = calls[0].name, calls[0].arguments
-        action = Action(step, name, arguments, observation="")
+        action = Action(step=step, tool=name, arguments=arguments, observation="")
         try:
             tools.validate_call(name, arguments)
             if name == tools.ASK_EXPERT:
@@ -104,7 +103,7 @@ class _Run:
 
     @staticmethod
     def _invalid(step: int, message: str) -> Action:
-        return Action(step, "invalid", {}, observation=message, error=message)
+        return Action(step=step, tool="invalid", arguments={}, observation=message, error=message)
 
     def ask_expert(self, step: int, question: str) -> str:
         answered = [c for c in self.traj.expert_calls if not c.refused]
@@ -170,10 +169,11 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
             run.add(message, turn.logprobs)
             traj.steps += 1
             if turn.token_ids is not None and turn.token_ids[-1] != tokenizer.im_end_id:
-                traj.termination = "context"   # the generation was cut at the context limit
+                # No turn can follow one that does not end with <|im_end|>: the model stopped on an EOS token
+                # of its own, or the generation was cut at the context limit.
+                traj.termination = "eos" if turn.token_ids[-1] in tokenizer.eos_ids else "context"
                 break
             action = run.act(traj.steps - 1, turn.text)
-            action.normalized = normalize_action(action.tool, action.arguments)
             traj.actions.append(action)
             if action.tool == tools.SUBMIT and action.error is None:
                 traj.termination = "submitted"

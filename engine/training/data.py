@@ -1,7 +1,7 @@
 """SFT data: JSONL files -> (token ids, loss mask) samples -> per-rank packed micro-batches.
 
-A line is either a trajectory record (rollout/trajectory.py: messages with their token ids and loss masks,
-used verbatim) or a chat sample {"messages": [...], "tools": [...]} rendered with engine.chat. Malformed
+A line is either a trajectory record (rollout.agent.trajectory.Trajectory: token ids and loss masks used
+verbatim) or a chat sample {"messages": [...], "tools": [...]} rendered with engine.chat. Malformed
 lines are reported with file:line and either stop the run or are skipped and counted. The order of samples
 is a seeded permutation per epoch; a global batch is the next `global_batch_size` positions of it, so the
 data position of a run is one integer and a resumed run continues exactly where it stopped."""
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from engine.chat import render
-from engine.packing import pack
+from engine.training.packing import pack
 from engine.tokenizer import Tokenizer
+from rollout.agent.trajectory import Trajectory
 
 
 class DataError(ValueError):
@@ -83,14 +84,17 @@ class SFTDataset:
         with path.open("rb") as f:
             f.seek(offset)
             record = json.loads(f.readline())
-        try:
-            if "messages" in record and "schema_version" in record:  # a trajectory record
-                ids = [t for m in record["messages"] for t in m["token_ids"]]
-                mask = [x for m in record["messages"] for x in m["loss_mask"]]
-            else:
+        if "schema_version" in record:  # a trajectory record
+            try:
+                trajectory = Trajectory.from_dict(record, where)
+            except ValueError as e:   # names file:line and the field
+                raise DataError(str(e)) from None
+            ids, mask = trajectory.input_ids(), trajectory.loss_mask()
+        else:
+            try:
                 ids, mask = render(self.tokenizer, record["messages"], record.get("tools"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where}: {e}") from None
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{where}: {e}") from None
         # Recorded ids and masks are used verbatim: a float id would be truncated by torch.tensor and a mask
         # of 2 would double a token's loss, silently. bool is an int subclass: refuse it too.
         bad_id = next((t for t in ids if type(t) is not int or t < 0), None)
@@ -125,10 +129,10 @@ def _check_line(raw: bytes) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "no 'messages' list"
     if "schema_version" in record:
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("token_ids"), list) \
-                    or not isinstance(m.get("loss_mask"), list) or len(m["token_ids"]) != len(m["loss_mask"]):
-                return f"trajectory message {i}: needs token_ids and loss_mask lists of equal length"
+        try:
+            Trajectory.from_dict(record, where="trajectory")
+        except ValueError as e:
+            return str(e).removeprefix("trajectory: ")
     return None
 
 

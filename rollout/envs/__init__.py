@@ -1,0 +1,1 @@
+"""Environments the agent acts in: the protocol, Docker containers, the bubblewrap sandbox, task images."""
