@@ -124,6 +124,7 @@ def run_sft(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        model.weight_version += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
