@@ -65,12 +65,15 @@ for dt in ("bf16", "fp32"):
                  dict(SIGN=1.0, BLOCK_HQ=32, BLOCK_HK=hk, BLOCK_D=64))
     compile_(f"swiglu_fwd {dt}", swiglu._swiglu_fwd, ty("i32", GATE=P, UP=P, OUT=P), dict(BLOCK=4096), num_warps=8)
     compile_(f"swiglu_bwd {dt}", swiglu._swiglu_bwd, ty("i32", DOUT=P, GATE=P, UP=P, DGATE=P, DUP=P), dict(BLOCK=4096), num_warps=8)
-    # linear
-    compile_(f"linear {dt}", linear._matmul_kernel, ty("i32", A=P, B=P, C=P, BIAS=P),
-             dict(HAS_BIAS=True, UPCAST=False, IEEE_FP32=dt == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-             num_warps=8, num_stages=2 if dt == "fp32" else 3)
-    # attention
+    # linear: every M tile the launcher may take on this target, each with the 128-row tile's MMA instruction
     torch_dt = {"bf16": __import__("torch").bfloat16, "fp32": __import__("torch").float32}[dt]
+    lin = {bm: compile_(f"linear {dt} m{bm}", linear._matmul_kernel, ty("i32", A=P, B=P, C=P, BIAS=P),
+                        dict(HAS_BIAS=True, UPCAST=False, IEEE_FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=linear.BLOCK_N,
+                             BLOCK_K=linear.BLOCK_K, GROUP_M=linear.GROUP_M),
+                        num_warps=linear.num_warps(bm), num_stages=2 if dt == "fp32" else 3)
+           for bm in linear.block_m_choices((TARGET.arch // 10, TARGET.arch % 10), torch_dt)}
+    same_mma(f"linear {dt}", lin)
+    # attention
     for hd in (128, 64):
         tiles = attention._tiles(hd, torch_dt, True)
         dot = tl.bfloat16 if dt == "bf16" else tl.float32
