@@ -63,6 +63,7 @@ def dense_fp64(case):
     ([37, 16, 5], [1, 1, 1], 4, 2, 16, 16, True),     # decode, nice
     ([37, 16, 5], [1, 1, 1], 4, 2, 16, 16, False),    # decode with its own (small) query tiles
     ([45, 3, 29], [13, 3, 1], 6, 2, 24, 8, True),     # prefill after a prefix, mixed with decode; odd dims
+    ([45, 3, 70], [13, 3, 1], 6, 2, 24, 8, False),    # the same in fast mode: split decode rows + prefill tiles
 ])
 def test_paged_attention_matches_fp64_oracle(lengths, query_lens, hq, hkv, d, block_size, match_training):
     case = make_case(lengths, query_lens, hq, hkv, d, block_size, torch.float32)
