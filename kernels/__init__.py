@@ -105,7 +105,8 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len,
                     softmax_scale=None, match_training=True):
     """New query tokens of each sequence over its keys in the paged KV cache (decode and chunked prefill).
-    match_training: Triton tiles as the training attention's (bit-identical rows), else faster decode tiles."""
+    match_training: Triton tiles as the training attention's (bit-identical rows), else faster decode tiles
+    with split-KV (rows still independent of the batch, not the trainer's bits)."""
     if use_triton(q):
         from kernels.ops.paged_attention import paged_attention_triton
         with on_device(q):
