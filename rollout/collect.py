@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     done = []
     start = time.perf_counter()
     with TrajectoryWriter(out / "trajectories.jsonl") as writer:
-        def on_done(t: Trajectory) -> None:
+        def on_done(job: Job, t: Trajectory) -> None:
             done.append(t)
             resolved = {None: "not evaluated", True: "resolved", False: "unresolved"}[t.resolved]
             print(f"[{len(done)}/{len(jobs)}] {t.task_id} #{t.attempt}: {t.termination} after {t.steps} steps, "

@@ -21,28 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from engine.config import ModelConfig
-from engine.training.runtime import init_runtime
-from engine.model import Qwen2ForCausalLM
-from engine.training.sft import run_sft
-from engine.tokenizer import Tokenizer, train_bpe_tokenizer
+from engine.tokenizer import train_bpe_tokenizer
 from engine.training.config import load_config
+from engine.training.runtime import init_runtime
+from engine.training.sft import run_sft
+from engine.training.tiny import make_tiny_base, tokenizer_corpus
 
 
 MARKER = ".protege-quickstart"   # in --out: this directory is the quickstart's own, safe to replace
-
-
-def tokenizer_corpus() -> list[str]:
-    from rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
-    from rollout.tasks import BUNDLED_DIR, bundled_tasks
-    from rollout.agent.tools import TOOLS
-    texts = [SYSTEM_PROMPT, TASK_PROMPT, json.dumps(TOOLS)]
-    for task in bundled_tasks():
-        texts += [task.problem_statement, task.patch, task.test_patch]
-    texts += [p.read_text(errors="replace") for p in sorted(BUNDLED_DIR.rglob("*.py"))]
-    return texts
 
 
 def collect(out: Path, tokenizer_dir: Path, policy: list[str]) -> dict:
@@ -92,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                for line in (out / "sft-data" / "trajectories.jsonl").read_text().splitlines()]
 
     print("[3/4] SFT of a small Qwen2 model", flush=True)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True,
-                         eos_token_id=list(Tokenizer.from_dir(base).eos_ids))
-    Qwen2ForCausalLM(config).save_pretrained(base)
+    make_tiny_base(base, tokenizer=tokenizer)
     run_dir = out / "sft"
     cfg = load_config(None, [
         f"output_dir={json.dumps(str(run_dir))}", f"model.path={json.dumps(str(base))}",
