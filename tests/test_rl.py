@@ -145,3 +145,28 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     code = main(["--config", str(CONFIG), *overrides(models, tmp_path / "run"), *extra])
     err = capsys.readouterr().err
     assert code in (1, 2) and problem in err and "Traceback" not in err, err
+
+
+def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
+    """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
+    sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit."""
+    from engine.config import ModelConfig
+    from engine.model import Qwen2ForCausalLM
+    from engine.training.grpo import policy_loss
+    from engine.training.rl import Sample, TokenLogprobs, _micro_batches
+    from rollout import Sampler, SamplingParams
+    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    model.exact = True
+    prompts = [[3, 9, 27, 81 % 96, 5, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    outs = Sampler(model, num_blocks=16, block_size=4, max_num_batched_tokens=8).generate(
+        prompts, [SamplingParams(temperature=1.0, max_tokens=5, seed=i, ignore_eos=True) for i in range(2)])
+    samples = [Sample(p + o.token_ids, list(range(len(p) - 1, len(p) + len(o.token_ids) - 1)), o.token_ids,
+                      o.logprobs, 1.0) for p, o in zip(prompts, outs)]
+    [batch] = _micro_batches(samples, 64, torch.device("cpu"))
+    logp, _ = TokenLogprobs(model)(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets)
+    assert torch.equal(logp.detach(), batch.sampler_logprobs)
+    _, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp))
+    assert stats["ratio_mean"] == 1.0 and stats["max_abs_logprob_diff"] == 0.0

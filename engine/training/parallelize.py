@@ -70,6 +70,17 @@ def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype:
     return model, root
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(master dtype, compute dtype) of model.dtype / model.compute_dtype ("auto": bf16 on CUDA, else fp32)."""
+    compute = model_cfg.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.type == "cuda" else "float32"
+    return _DTYPES[model_cfg.dtype], _DTYPES[compute]
+
+
 def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dtype, runtime: Runtime,
                          activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module]
                          ) -> tuple[Qwen2ForCausalLM, nn.Module]:

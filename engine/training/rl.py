@@ -33,8 +33,8 @@ from engine.training.data import GlobalBatches
 from engine.training.grpo import group_advantages, policy_loss
 from engine.training.metrics import MetricsLog
 from engine.training.packing import pack
-from engine.training.parallelize import RolloutMode, build_training_model
-from engine.training.resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from engine.training.parallelize import RolloutMode, build_training_model, training_dtypes
+from engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
 from engine.training.runtime import Runtime, all_reduce, barrier
 from engine.training.sft import lr_lambda
 from engine.training.tiny import make_tiny_base
@@ -48,7 +48,6 @@ from rollout.sampler import Sampler, SamplingParams
 from rollout.sampler.server import SamplerServer
 from rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRUNCATED = ("context", "max_steps", "time")   # terminations that cut a trajectory short
 
 
@@ -105,12 +104,7 @@ class NoExpert:
 def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     rl, t = cfg.rl, cfg.train
     run_dir = Path(cfg.output_dir)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None and runtime.is_main:
-        print(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, or "
-                          f"choose another output_dir")
+    checkpoint = resume_point(run_dir, resume, runtime)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stages = curriculum(rl)
@@ -118,9 +112,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     base = cfg.model.path or str(_tiny_base(run_dir / "base-model", cfg.seed, runtime))
     tokenizer = Tokenizer.from_dir(cfg.data.tokenizer or base)
 
-    compute_dtype = _DTYPES[cfg.model.compute_dtype] if cfg.model.compute_dtype != "auto" else (
-        torch.bfloat16 if runtime.device.type == "cuda" else torch.float32)
-    model, root = build_training_model(base, _DTYPES[cfg.model.dtype], compute_dtype, runtime,
+    dtype, compute_dtype = training_dtypes(cfg.model, runtime.device)
+    model, root = build_training_model(base, dtype, compute_dtype, runtime,
                                        cfg.model.activation_checkpointing, TokenLogprobs)
     model.exact = cfg.model.exact
     reference = _reference(cfg, base, model.config, compute_dtype, runtime) if rl.kl_coef > 0 else None
