@@ -1,7 +1,8 @@
 """Host work of one sampler decode step, which must not grow with context length (the GPU would wait on Python):
 SamplerStats.host_ms_per_step at batch 256 with 1K- and 8K-token contexts (tiny model on the CPU, so the model's
 own time is excluded: the stats split host from device time), and the host reads of tensors per step
-(Tensor.tolist / item / cpu calls, counted by wrapping them: each is a device sync on a GPU).
+(Tensor.tolist / item / cpu calls, counted by wrapping them: each is a device sync on a GPU). Steady-state
+decode steps: the step that first meets a sequence uploads its whole block table once (admission cost).
 
     python benchmarks/sampler_host.py [--out benchmarks/results]   -> sampler_host.json, sampler_host.md
 """
@@ -53,8 +54,8 @@ def measure(context: int, repeats: int = 3) -> dict:
         # One prompt, 256 samples sharing its KV blocks: prefill once, then pure decode steps at full context.
         generated = sampler.stats.generated_tokens
         sampler.add_request(prompt, SamplingParams(n=BATCH, max_tokens=DECODE_STEPS + 1, ignore_eos=True, seed=r))
-        while sampler.stats.generated_tokens - generated < BATCH:
-            sampler.step()   # prefill, then the first token of every sample
+        while sampler.stats.generated_tokens - generated < 2 * BATCH:
+            sampler.step()   # prefill, the first token of every sample, then the step that meets the 256 new ones
         before = (sampler.stats.host_seconds, sampler.stats.steps)
         with HostReads() as counter:
             steps = 0

@@ -238,7 +238,12 @@ class BlockManager {
     seqs_.erase(seq_id);
   }
 
-  std::vector<int> block_table(int64_t seq_id) const { return seq(seq_id).table; }
+  // The block table from entry `start` on (the sampler keeps the entries before a step's write range: they
+  // never change while the sequence lives).
+  std::vector<int> block_table(int64_t seq_id, int start) const {
+    const std::vector<int>& t = seq(seq_id).table;
+    return std::vector<int>(t.begin() + std::min<size_t>(std::max(start, 0), t.size()), t.end());
+  }
   int ref_count(int block) const { return blocks_.at(block).ref_count; }
 
   // New weights: cached KV was computed with the old ones, so no prefix may be served from it again.
@@ -397,7 +402,7 @@ void bind_block_manager(py::module_& m) {
       .def("ready_until", &BlockManager::ready_until, py::arg("seq_id"), py::arg("start"))
       .def("fork", &BlockManager::fork, py::arg("parent_id"), py::arg("child_id"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
-      .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
+      .def("block_table", &BlockManager::block_table, py::arg("seq_id"), py::arg("start") = 0)
       .def("ref_count", &BlockManager::ref_count, py::arg("block"))
       .def("bump_version", &BlockManager::bump_version,
            "Forget the prefix cache (KV from older weights). -> the new version.");

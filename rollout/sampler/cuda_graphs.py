@@ -46,12 +46,12 @@ class DecodeGraphs:
     def run(self, ids, positions, slots, tables, contexts) -> torch.Tensor:
         n = len(ids)
         bs = next(s for s in self.sizes if s >= n)
-        width = len(tables[0])
+        width = tables.shape[1]
         self.ids[:n] = torch.tensor(ids)
         self.positions[:n] = torch.tensor(positions)
         self.slots[:bs] = -1
         self.slots[:n] = torch.tensor(slots)
-        self.tables[:n, :width] = torch.tensor(tables, dtype=torch.int32)
+        self.tables[:n, :width] = tables
         self.contexts[:bs] = 1
         self.contexts[:n] = torch.tensor(contexts, dtype=torch.int32)
         self.graphs[bs].replay()

@@ -154,7 +154,9 @@ class Sampler:
 
     def _new_runner(self):
         max_blocks = -(-self.max_model_len // self.block_size)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, max_blocks, self.cuda_graph_sizes)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, max_blocks, self.cuda_graph_sizes,
+                                  self.max_num_seqs)
+        self.scheduler.on_free = self.runner.forget
 
     def _check_weights(self) -> None:
         """Before new prompts meet the prefix cache: weights changed since the last check (an optimizer step,

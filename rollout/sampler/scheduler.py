@@ -48,6 +48,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.cached_tokens = 0  # tokens whose KV was found in the cache instead of computed
         self.preemptions = 0
+        self.on_free = lambda seq: None   # told when a sequence gives its blocks back (the runner's tables)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -120,6 +121,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id)
+        self.on_free(seq)
         self.running.remove(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         self.waiting.appendleft(seq)
@@ -128,5 +130,6 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Take a finished sequence out of the batch and release its blocks (full ones stay cached)."""
         self.block_manager.free(seq.seq_id)
+        self.on_free(seq)
         self.running.remove(seq)
         seq.status = Status.FINISHED
