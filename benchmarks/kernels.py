@@ -190,15 +190,18 @@ def fwd_bwd(fn, args, grads):
     torch.autograd.backward(outs, grads[: len(outs)])
 
 
+CPU_REPEATS = 3  # host-timed runs per median without a GPU (benchmarks/gpu_suite.py --dry-run: 1)
+
+
 def time_ms(fn, device) -> float:
     """Median milliseconds of fn(): triton.testing.do_bench on CUDA (its warm-up compiles and fills caches),
-    else 3 host-timed runs after one warm-up (CPU: the logic only, the numbers mean nothing)."""
+    else CPU_REPEATS host-timed runs after one warm-up (CPU: the logic only, the numbers mean nothing)."""
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
         return do_bench(fn, return_mode="median")
     fn()
     times = []
-    for _ in range(3):
+    for _ in range(CPU_REPEATS):
         start = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - start))
