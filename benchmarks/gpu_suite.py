@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -89,6 +90,7 @@ class Report:
 
     def __init__(self, out: Path, meta: dict):
         self.out, self.meta, self.sections = out, meta, {}
+        self.lock = threading.Lock()  # the watchdog thread writes too
         out.mkdir(parents=True, exist_ok=True)
 
     def section(self, name: str) -> dict:
@@ -98,8 +100,12 @@ class Report:
         data = dict(self.meta, sections=self.sections,
                     summary={k: sum(r.get("status") == k for s in self.sections.values() for r in s["rows"])
                              for k in ("PASS", "FAIL", "ERROR", "SKIP")})
-        (self.out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-        (self.out / "report.md").write_text(self.markdown(data))
+        with self.lock:
+            for name, text in (("report.json", json.dumps(data, indent=2, default=str) + "\n"),
+                               ("report.md", self.markdown(data))):
+                tmp = self.out / f".{name}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, self.out / name)  # a reader (or a kill) never sees half a report
 
     def markdown(self, data: dict) -> str:
         m = self.meta
@@ -194,7 +200,9 @@ class Suite:
         self.device = torch.device("cpu" if self.dry else "cuda")
         if not self.dry and not torch.cuda.is_available():
             sys.exit("gpu_suite: no CUDA device (torch.cuda.is_available() is False); use --dry-run on the CPU")
-        self.budget = args.budget or (240 if self.quick else 480)
+        # The dry run exists to run every check's code: its caps are ten times the GPU's (a loaded CPU is slow).
+        self.cap_scale = 10 if self.dry else 1
+        self.budget = args.budget or (240 if self.quick else 480) * self.cap_scale
         self.started = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory()
         self.runtime = None
@@ -247,12 +255,29 @@ class Suite:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def watchdog(self, seconds: float):
+        """Past `seconds` (a check that overran every cap), mark the running section, write, and exit 2."""
+        def fire():
+            for sec in self.report.sections.values():
+                if sec["status"] == "running":
+                    sec["status"] = "KILLED"
+                    sec["notes"].append(f"killed: the suite's hard limit ({seconds:.0f} s) was reached inside it")
+            self.report.meta["total_seconds"] = round(time.perf_counter() - self.started, 1)
+            self.report.write()
+            print(f"gpu_suite: hard limit of {seconds:.0f} s reached; report written", flush=True)
+            os._exit(2)
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
     def run(self, only: list[str] | None):
+        timer = self.watchdog(self.budget + 90)
         for name, (title, cap_full, cap_quick) in SECTIONS.items():
             if only and name not in only:
                 continue
             left = self.budget - (time.perf_counter() - self.started)
-            cap = min(cap_quick if self.quick else cap_full, max(0.0, left))
+            cap = min((cap_quick if self.quick else cap_full) * self.cap_scale, max(0.0, left))
             print(f"== {title} (cap {cap:.0f} s)", flush=True)
             section = Section(self, name, cap)
             if cap <= 0:
@@ -270,6 +295,7 @@ class Suite:
             self.report.write()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        timer.cancel()
         total = time.perf_counter() - self.started
         self.report.meta["total_seconds"] = round(total, 1)
         self.report.write()
@@ -815,8 +841,8 @@ def section_sampler_speed(suite: Suite, sec: Section):
     model = random_model(suite, shape, None, dtype)
     config = model.config
     vocab = min(config.vocab_size, 151643)
-    scale = suite.pick(dict(generation.SCALES["full"], groups=8, turns=8),
-                       dict(generation.SCALES["full"], prompts=64, groups=4, turns=6),
+    scale = suite.pick(dict(generation.SCALES["full"], groups=4, turns=8),
+                       dict(generation.SCALES["full"], prompts=64, groups=2, turns=6),
                        dict(prompts=4, lo=4, hi=12, hf_batch=4, groups=1, turns=2, task_len=12,
                             observation=(3, 6), output=(2, 4)))
     repeats = suite.pick(3, 2, 1)
@@ -832,7 +858,8 @@ def section_sampler_speed(suite: Suite, sec: Section):
              f"{scale['hi']}], T={generation.TEMPERATURE}, EOS ignored; agent {scale['groups']} groups of 6, "
              f"{scale['turns']} turns. Medians over up to {repeats} runs after a warm-up (fewer if the cap is "
              f"reached: 'runs' says how many). transformers generate runs the first {hf_subset} prompts as one "
-             f"batch; ours is timed on the same subset for that ratio. Bandwidth bound: weights once per step + "
+             f"batch (outputs capped at 256 tokens, to fit the budget); ours is timed on the same subset, for that "
+             f"ratio and for exact vs fast mode. Bandwidth bound: weights once per step + "
              f"each sequence's KV once per step, at the datasheet HBM rate; compute ignored (a ceiling).")
     generation.run_ours_throughput(sampler, prompts[:4], [8] * 4)  # warm-up: kernels, graphs, pool
 
@@ -859,7 +886,7 @@ def section_sampler_speed(suite: Suite, sec: Section):
         return dict(status="PASS", output_tokens=sum(out_lens), **r)
     sec.check(f"throughput: {scale['prompts']} prompts (nano-vllm workload)", throughput)
 
-    sub_p, sub_o = prompts[:hf_subset], out_lens[:hf_subset]
+    sub_p, sub_o = prompts[:hf_subset], [min(o, suite.pick(256, dry=o)) for o in out_lens[:hf_subset]]
 
     def subset(exact: bool):
         def run():
@@ -1014,7 +1041,7 @@ def section_sft_speed(suite: Suite, sec: Section):
             apply_activation_checkpointing(model)
             root = TokenNLL(model)
             shard(root, list(model.model.layers), runtime, compute)
-            opt = torch.optim.AdamW(root.parameters(), lr=1e-5, fused=suite.device.type == "cuda")
+            opt = torch.optim.AdamW(root.parameters(), lr=1e-5, fused=suite.device.type == "cuda")  # as sft.py
             ids, cu = packed_ids([doc_len] * docs, shape["vocab_size"], suite.device, seed=layers)
             targets, weights = torch.roll(ids, -1), torch.full((docs * doc_len,), 1.0 / (docs * doc_len), device=suite.device)
             durations = []
