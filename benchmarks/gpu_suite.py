@@ -527,7 +527,7 @@ def section_ops_correctness(suite: Suite, sec: Section):
         for name in ("flash_attn", "xformers"):
             if suite.report.meta["versions"][name] == "not installed":
                 sec.skip(f"varlen_attention [{name}]", f"{name} not installed")
-        sec.check("paged_attention decode vs reference", lambda: check_paged(suite))
+        sec.check("paged_attention (decode + prefill chunk), write_kv_cache", lambda: check_paged(suite))
 
 
 def check_paged(suite: Suite):
@@ -555,7 +555,17 @@ def check_paged(suite: Suite):
     ref = reference.paged_attention(q.double(), kc.double(), vc.double(), bt, cu, ctx, max(queries))
     base = reference.paged_attention(q, kc, vc, bt, cu, ctx, max(queries))
     err, bound = fp64_error_and_bound(got, base, ref, torch.bfloat16)
-    return dict(status="PASS" if err <= bound else "FAIL", max_err=err, allowed=bound, dtype="bfloat16")
+    # write_kv_cache: new K/V rows into free slots (-1: skipped), Triton vs reference, bit for bit
+    n = sum(queries)
+    slots = torch.randperm(blocks * page, generator=g)[:n].to(suite.device)
+    slots[0] = -1
+    k, v = (torch.randn(n, hkv, d, generator=g).to(suite.device, torch.bfloat16) for _ in range(2))
+    caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+    kernels.write_kv_cache(k, v, *caches[0], slots)
+    reference.write_kv_cache(k, v, *caches[1], slots)
+    same = all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+    return dict(status="PASS" if err <= bound and same else "FAIL", max_err=err, allowed=bound, dtype="bfloat16",
+                detail=f"write_kv_cache {'bit-identical to' if same else 'DIFFERS from'} the reference")
 
 
 def section_model_vs_hf(suite: Suite, sec: Section):
@@ -1036,7 +1046,9 @@ def section_sft_speed(suite: Suite, sec: Section):
 
     def run_at(layers):
         def run():
-            import torch.distributed as dist  # noqa: F401
+            if suite.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             model = random_model(suite, shape, layers, torch.float32)
             apply_activation_checkpointing(model)
             root = TokenNLL(model)
