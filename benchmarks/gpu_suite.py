@@ -137,6 +137,8 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
@@ -629,7 +631,8 @@ def section_sampler_checks(suite: Suite, sec: Section):
     prompts = prompts_of(suite.pick([5, 37, 128, 300], dry=[3, 9]), vocab)
     pool = dict(num_blocks=suite.pick(256, dry=32), block_size=16, max_num_batched_tokens=suite.pick(256, dry=16))
     sec.note(f"Random weights, Qwen2.5-0.5B shape with {layers} layers. Greedy in fp32 (bf16 ties flip greedy "
-             f"tokens between any two implementations); bit-identity and CUDA graphs in bf16, exact mode.")
+             f"tokens between any two implementations); bit-identity and CUDA graphs in "
+             f"{'bf16' if not suite.dry else 'fp32 (interpreter)'}, exact mode.")
     state = {}
     if suite.dry:
         sec.note("Dry run: only the bit-identity check forces the Triton path (interpreter); the others run the "
@@ -756,9 +759,10 @@ def section_ops_speed(suite: Suite, sec: Section):
     if not use_compile:
         sec.note("torch.compile: not timed in this mode (" + ("dry run: compiling on the CPU takes minutes"
                  if suite.dry else "--quick") + ").")
-    sec.note(f"dtype bf16, 7B shapes at {shapes.tokens} tokens ({shapes.docs} documents for attention); "
-             f"medians of triton.testing.do_bench; share = rate / datasheet peak; speedup = eager ms / ms.")
     dtype = suite.pick(torch.bfloat16, dry=torch.float32)
+    sec.note(f"dtype {str(dtype)[6:]}, {'7B' if not suite.dry else 'tiny'} shapes at {shapes.tokens} tokens "
+             f"({shapes.docs} documents for attention); medians of triton.testing.do_bench (host timer on the CPU); "
+             f"share = rate / datasheet peak (n/a: unknown device); speedup = eager ms / ms.")
     rows = []
 
     def on_row(r):
@@ -1047,8 +1051,8 @@ def section_sft_speed(suite: Suite, sec: Section):
     else:
         big = 2
     small = 1
-    sec.note(f"Method: the Qwen2.5-{'7B' if not suite.dry else 'tiny'} shape (random weights) with L layers, FSDP2 "
-             f"on one rank ({'NCCL' if suite.device.type == 'cuda' else 'gloo'}), bf16 compute / fp32 master, "
+    sec.note(f"Method: the {'Qwen2.5-7B' if not suite.dry else 'tiny'} shape (random weights) with L layers, FSDP2 "
+             f"on one rank ({'NCCL' if suite.device.type == 'cuda' else 'gloo'}), {str(compute)[6:]} compute / fp32 master, "
              f"activation checkpointing, AdamW, {docs} documents of {doc_len} tokens per step; median step time at "
              f"L={small} and L={big} (as many as fit: 18 bytes per parameter and 30% of the free memory for "
              f"activations). Per layer = (t(L={big}) - t(L={small})) / {big - small}; the rest = embedding, head, "
