@@ -67,3 +67,19 @@ def test_markdown_report_has_a_table_per_section(dry_run):
         body = rest.split("\n## ")[0]
         assert "\n| check |" in body or "\n| op |" in body, title
         assert "|---|" in body, title
+
+
+def test_hard_limit_keeps_the_report_and_marks_the_running_section(tmp_path):
+    """A check that overruns every cap: the watchdog writes what is finished, marks the section, exits 2."""
+    code = (f"import argparse, time, sys; sys.argv = ['gpu_suite.py', '--dry-run'];"
+            f"from benchmarks.gpu_suite import Suite;"
+            f"s = Suite(argparse.Namespace(dry_run=True, quick=False, budget=None, out={str(tmp_path)!r}));"
+            f"s.report.section('environment')['rows'].append(dict(check='done before', status='PASS'));"
+            f"s.watchdog(0.5); time.sleep(60)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    section = report["sections"]["environment"]
+    assert section["status"] == "KILLED" and section["rows"][0]["check"] == "done before"
+    assert "hard limit" in (tmp_path / "report.md").read_text()
