@@ -9,7 +9,8 @@ SKIP, and a crash inside a check is an ERROR row, after which the suite goes on)
   ceilings          measured copy bandwidth and bf16 matmul rate beside the datasheet peaks
   ops_correctness   every Triton op forward + backward in bf16 and fp16 vs the fp64 reference (precision rule
                     of tests/numerics.py), at Qwen2.5-7B shapes and odd shapes; flash-attn / xformers vs ours
-  model_vs_hf       the model vs transformers' Qwen2 (random weights; Qwen2.5-0.5B, 2-layer Qwen2.5-7B shape)
+  model_vs_hf       the model's logits (fp32, bf16) and gradients (fp32) vs transformers' Qwen2 (random weights;
+                    Qwen2.5-0.5B, 2-layer Qwen2.5-7B shape)
   sampler_checks    greedy == transformers generate (fp32); exact-mode sampler log-probs bit-identical to the
                     training forward (bf16); CUDA-graph decode == eager decode
   rollout_fsdp      rollout mode on a one-rank FSDP2 model (NCCL) == unsharded (SKIP where RolloutMode is absent)
@@ -575,33 +576,48 @@ def section_model_vs_hf(suite: Suite, sec: Section):
                          dry={"tiny tied (0.5B-like)": (TINY_TIED, 1), "tiny untied (7B-like)": (TINY_UNTIED, 1)})
     lengths = suite.pick([300, 1, 700, 47], dry=[5, 1, 7])
     sec.note("Random weights (norms and biases randomised). Reference: transformers fp32, each sequence alone; "
-             "ours runs the sequences packed. fp32 rows: error <= 1e-4 x the logits' scale; bf16 rows: error "
-             "<= 2 x transformers' own bf16 error + 1 bf16 ulp x scale.")
+             "ours runs the sequences packed. fp32: logits within 1e-4 x their scale, and every parameter's "
+             "gradient of the summed cross-entropy within 1e-4 x max(1, its scale) (as tests/test_model.py); "
+             "bf16 logits: error <= 2 x transformers' own bf16 error + 1 bf16 ulp x scale.")
     with suite.triton_kernels():
         for label, (shape, layers) in configs.items():
             def run(label=label, shape=shape, layers=layers):
                 hf, ours = random_pair(suite, shape, layers, torch.float32)
                 ids, cu = packed_ids(lengths, shape["vocab_size"], suite.device)
-                rows = []
-                with torch.no_grad():
-                    def hf_logits():
-                        return torch.cat([hf(ids[a:b][None]).logits[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
-                    ref = hf_logits().double()
-                    ours32 = ours(ids, cu_seqlens=cu).float()
-                    err32, bound32 = fp64_error_and_bound(ours32, ours32, ref, torch.float32)
-                    rows.append(("fp32", err32, bound32))
-                    del ours32
+                bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+                targets = torch.roll(ids, -1)
+
+                def hf_logits():
+                    return torch.cat([hf(ids[a:b][None]).logits[0] for a, b in bounds])
+                # fp32: logits and every parameter's gradient of the summed cross-entropy
+                ref = hf_logits()
+                torch.nn.functional.cross_entropy(ref, targets, reduction="sum").backward()
+                ours32 = ours(ids, cu_seqlens=cu)
+                torch.nn.functional.cross_entropy(ours32, targets, reduction="sum").backward()
+                ref = ref.detach().double()
+                rows = [("fp32 logits", *fp64_error_and_bound(ours32.detach(), ours32, ref, torch.float32))]
+                hf_params = dict(hf.named_parameters())
+                worst = (0.0, 1.0, "")
+                for name, p in ours.named_parameters():
+                    g = hf_params[name].grad
+                    err, bound = (p.grad - g).abs().max().item(), 1e-4 * max(1.0, g.abs().max().item())
+                    if err / bound >= worst[0] / worst[1]:
+                        worst = (err, bound, name)
+                rows.append((f"fp32 gradients (worst: {worst[2]})", worst[0], worst[1]))
+                del ours32
+                hf.zero_grad(set_to_none=True)
+                ours.zero_grad(set_to_none=True)
+                with torch.no_grad():  # bf16 logits
                     hf.to(torch.bfloat16)
                     ours.to(torch.bfloat16)
                     base = hf_logits()
                     got = ours(ids, cu_seqlens=cu)
-                    err, bound = fp64_error_and_bound(got, base, ref, torch.bfloat16)
-                    rows.append(("bf16", err, bound))
+                    rows.append(("bf16 logits", *fp64_error_and_bound(got, base, ref, torch.bfloat16)))
                 del hf, ours
                 ok = all(e <= b for _, e, b in rows)
                 return dict(status="PASS" if ok else "FAIL",
                             detail="; ".join(f"{d}: error {e:.3g} (allowed {b:.3g})" for d, e, b in rows))
-            sec.check(f"logits: {label}", run, tokens=sum(lengths))
+            sec.check(f"logits and gradients: {label}", run, tokens=sum(lengths))
 
 
 def training_logprobs(model, prompts, completions, temperature):
