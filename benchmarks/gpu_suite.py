@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -184,8 +185,9 @@ class Section:
             traceback.print_exc()
             result = dict(status="ERROR", detail=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
                           if str(e).strip() else type(e).__name__)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if result.get("status") == "ERROR" and torch.cuda.is_available():  # after the traceback's frames are gone
+            gc.collect()
+            torch.cuda.empty_cache()
         row = dict(check=name, **fields)
         row.update({k: v for k, v in result.items() if not k.startswith("_")})
         row.setdefault("status", "PASS")
@@ -296,6 +298,7 @@ class Suite:
             section.data["status"] = "FAIL" if any(r.get("status") in FAILING for r in rows) else "done"
             section.data["seconds"] = section.elapsed()
             self.report.write()
+            gc.collect()  # the section's models, before the next one sizes itself from the free memory
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         timer.cancel()
@@ -1077,6 +1080,7 @@ def section_sft_speed(suite: Suite, sec: Section):
 
     def run_at(layers):
         def run():
+            gc.collect()  # the previous build's FSDP modules (their hooks make reference cycles)
             if suite.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
