@@ -5,6 +5,7 @@ memory). Runs in seconds; tests/test_gpu_compile.py runs it in CI.
     python benchmarks/gpu_compile.py        (TRITON_INTERPRET must not be set)
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def compile_(name, jitfn, types, consts, **opts):
         fails.append(name)
         print(f"FAIL {name}: {type(e).__name__}: {str(e)[:600]}")
 
+def same_mma(name, compiled):
+    """Kernels that must give the same bits must use the same tensor-core instruction (wgmma vs mma.sync, shape)."""
+    mma = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)")
+    found = {k: sorted(set(mma.findall(c.asm["ptx"]))) for k, c in compiled.items() if c is not None}
+    if len({tuple(v) for v in found.values()}) > 1:
+        fails.append(name)
+        print(f"FAIL {name}: different MMA instructions {found}")
+    else:
+        print(f"ok   {name}: one MMA instruction {next(iter(found.values()), [])}")
+
 def ty(default, **over):
     class D(dict):
         def __missing__(self, k): return over.get(k, default)
@@ -54,12 +65,15 @@ for dt in ("bf16", "fp32"):
                  dict(SIGN=1.0, BLOCK_HQ=32, BLOCK_HK=hk, BLOCK_D=64))
     compile_(f"swiglu_fwd {dt}", swiglu._swiglu_fwd, ty("i32", GATE=P, UP=P, OUT=P), dict(BLOCK=4096), num_warps=8)
     compile_(f"swiglu_bwd {dt}", swiglu._swiglu_bwd, ty("i32", DOUT=P, GATE=P, UP=P, DGATE=P, DUP=P), dict(BLOCK=4096), num_warps=8)
-    # linear
-    compile_(f"linear {dt}", linear._matmul_kernel, ty("i32", A=P, B=P, C=P, BIAS=P),
-             dict(HAS_BIAS=True, UPCAST=False, IEEE_FP32=dt == "fp32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-             num_warps=8, num_stages=2 if dt == "fp32" else 3)
-    # attention
+    # linear: every M tile the launcher may take on this target, each with the 128-row tile's MMA instruction
     torch_dt = {"bf16": __import__("torch").bfloat16, "fp32": __import__("torch").float32}[dt]
+    lin = {bm: compile_(f"linear {dt} m{bm}", linear._matmul_kernel, ty("i32", A=P, B=P, C=P, BIAS=P),
+                        dict(HAS_BIAS=True, UPCAST=False, IEEE_FP32=dt == "fp32", BLOCK_M=bm, BLOCK_N=linear.BLOCK_N,
+                             BLOCK_K=linear.BLOCK_K, GROUP_M=linear.GROUP_M),
+                        num_warps=linear.num_warps(bm), num_stages=2 if dt == "fp32" else 3)
+           for bm in linear.block_m_choices((TARGET.arch // 10, TARGET.arch % 10), torch_dt)}
+    same_mma(f"linear {dt}", lin)
+    # attention
     for hd in (128, 64):
         tiles = attention._tiles(hd, torch_dt, True)
         dot = tl.bfloat16 if dt == "bf16" else tl.float32
@@ -68,20 +82,31 @@ for dt in ("bf16", "fp32"):
         T = ty("i32", Q=P, K=P, V=P, O=P, DO=P, DQ=P, DK=P, DV=P, LSE="*fp32", DELTA="*fp32", CU_SEQLENS="*i32",
                qk_scale="fp32", sm_scale="fp32")
         bm, bn = tiles["fwd"]
-        compile_(f"attn_fwd {dt} d={hd}", attention._attn_fwd_kernel, T, dict(consts, BLOCK_M=bm, BLOCK_N=bn), **tiles["launch"])
+        fwd = compile_(f"attn_fwd {dt} d={hd}", attention._attn_fwd_kernel, T, dict(consts, BLOCK_M=bm, BLOCK_N=bn), **tiles["launch"])
         compile_(f"attn_delta {dt} d={hd}", attention._attn_bwd_delta_kernel, T,
                  dict(HEAD_DIM=hd, BLOCK_D=consts["BLOCK_D"], BLOCK_M=tiles["dq"][0]))
         bm, bn = tiles["dkdv"]
         compile_(f"attn_dkdv {dt} d={hd}", attention._attn_bwd_dkdv_kernel, T, dict(consts, BLOCK_M=bm, BLOCK_N=bn), **tiles["launch"])
         bm, bn = tiles["dq"]
         compile_(f"attn_dq {dt} d={hd}", attention._attn_bwd_dq_kernel, T, dict(consts, BLOCK_M=bm, BLOCK_N=bn), **tiles["launch"])
-        # paged
+        # paged: exact (the training tiles: must be the training kernel's instruction), fast decode (split-KV) and
+        # fast prefill, and the merge of split-KV pieces
         pc = dict(DOT=dot, PRECISION=prec, HEAD_DIM=hd, BLOCK_D=consts["BLOCK_D"], GROUP=7, PAGE=16)
-        PT = ty("i32", Q=P, K_CACHE=P, V_CACHE=P, O=P, BLOCK_TABLES="*i32", CU_SEQLENS_Q="*i32", CONTEXT_LENS="*i32", qk_scale="fp32")
-        bm, bn = tiles["fwd"]
-        compile_(f"paged {dt} d={hd}", paged_attention._paged_attn_kernel, PT, dict(pc, BLOCK_M=bm, BLOCK_N=bn), **tiles["launch"])
-        compile_(f"paged decode16 {dt} d={hd}", paged_attention._paged_attn_kernel, PT, dict(pc, BLOCK_M=16, BLOCK_N=bn),
-                 **dict(tiles["launch"], num_warps=4))
+        PT = ty("i32", Q=P, K_CACHE=P, V_CACHE=P, O=P, O_PART="*fp32", ML_PART="*fp32", BLOCK_TABLES="*i32",
+                CU_SEQLENS_Q="*i32", CONTEXT_LENS="*i32", qk_scale="fp32")
+        for name, select, t in (("exact", 0, paged_attention.decode_plan(True, torch_dt, hd, 7, True)["decode"]),
+                                ("fast decode", 1, paged_attention.decode_plan(True, torch_dt, hd, 7, False)["decode"]),
+                                ("fast prefill", 2, paged_attention.decode_plan(True, torch_dt, hd, 7, False)["prefill"])):
+            split_min, max_splits = t["split"] or (0, 1)
+            c = compile_(f"paged {name} {dt} d={hd}", paged_attention._paged_attn_kernel, PT,
+                         dict(pc, BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=select, SPLIT=t["split"] is not None,
+                              SPLIT_MIN=split_min, MAX_SPLITS=max_splits), **t["launch"])
+            if name == "exact":
+                same_mma(f"paged exact vs attn_fwd {dt} d={hd}", {"attn_fwd": fwd, "paged": c})
+        split_min, max_splits = paged_attention.SPLITS[True]
+        compile_(f"paged merge {dt} d={hd}", paged_attention._merge_pieces_kernel, PT,
+                 dict(HEAD_DIM=hd, BLOCK_D=consts["BLOCK_D"], BLOCK_N=tiles["fwd"][1], SPLIT_MIN=split_min,
+                      MAX_SPLITS=max_splits, BLOCK_S=triton.next_power_of_2(max_splits)))
     compile_(f"write_kv {dt}", paged_attention._write_kv_kernel, ty("i32", K=P, V=P, K_CACHE=P, V_CACHE=P, SLOTS="*i64"),
              dict(ROW=512, BLOCK=512))
     # token_logprobs

@@ -102,6 +102,8 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.exact = False       # True: every projection through kernels.linear (batch-invariant)
         self.source_dir = None   # the checkpoint this was loaded from (tokenizer files are copied from it)
+        self.weight_version = 0  # bumped by whoever changes the weights (optimizer step, rollout-mode switch):
+        # the sampler's cached KV and CUDA graphs belong to one version
         self._init_weights()
 
     @property

@@ -18,7 +18,7 @@ from engine.training.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Protégé engine: train (SFT now; RL next)")
+    parser = argparse.ArgumentParser(description="Protégé engine: train (phase sft or grpo)")
     parser.add_argument("--config", required=True, help="TOML or YAML file of the run's configuration")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value settings that override the file")
@@ -33,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from engine.training.sft import run_sft
+    if cfg.phase == "grpo":
+        from engine.training.rl import run_grpo as run
+    else:
+        from engine.training.sft import run_sft as run
     try:
-        run_sft(cfg, runtime, resume=args.resume)
+        run(cfg, runtime, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         # Bad configuration, data or checkpoint files (ConfigError and DataError are ValueErrors): their
         # messages name the file, field and value; a traceback from deep inside would only hide that.

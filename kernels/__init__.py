@@ -3,6 +3,7 @@
 and PyTorch elsewhere. (On the CPU the Triton path needs TRITON_INTERPRET=1 set before import.)"""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -26,10 +27,19 @@ def use_triton(t: torch.Tensor) -> bool:
     return backend_for(t) == "triton"
 
 
+def on_device(t):
+    """Where an op on `t` launches: Triton launches on the current CUDA device, whatever the tensor's, so a
+    thread whose current device is another GPU's (a sampler thread, a second rank's) switches for the call."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def rms_norm(x, weight, eps):
     if use_triton(x):
         from kernels.ops.rms_norm import rms_norm_triton
-        return rms_norm_triton(x, weight, eps)
+        with on_device(x):
+            return rms_norm_triton(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
@@ -37,35 +47,49 @@ def add_rms_norm(x, residual, weight, eps):
     """-> (rms_norm(x + residual), x + residual)"""
     if use_triton(x):
         from kernels.ops.rms_norm import add_rms_norm_triton
-        return add_rms_norm_triton(x, residual, weight, eps)
+        with on_device(x):
+            return add_rms_norm_triton(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
 
 
 def apply_rope(q, k, positions, theta):
     if use_triton(q):
         from kernels.ops.rope import apply_rope_triton
-        return apply_rope_triton(q, k, positions, theta)
+        with on_device(q):
+            return apply_rope_triton(q, k, positions, theta)
     return reference.apply_rope(q, k, positions, theta)
 
 
 def swiglu(gate, up):
     if use_triton(gate):
         from kernels.ops.swiglu import swiglu_triton
-        return swiglu_triton(gate, up)
+        with on_device(gate):
+            return swiglu_triton(gate, up)
     return reference.swiglu(gate, up)
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
     if use_triton(hidden):
         from kernels.ops.token_logprobs import token_logprobs_triton
-        return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy)
+        with on_device(hidden):
+            return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy)
     return reference.token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy)
+
+
+def head_logits(hidden, weight, temperature=1.0):
+    """fp32 logits / temperature of every row, exactly as token_logprobs computes them."""
+    if use_triton(hidden):
+        from kernels.ops.token_logprobs import head_logits_triton
+        with on_device(hidden):
+            return head_logits_triton(hidden, weight, temperature)
+    return reference.head_logits_chunked(hidden, weight, temperature)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
     if use_triton(q):
         from kernels.ops.attention import varlen_attention_triton
-        return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+        with on_device(q):
+            return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
 
 
@@ -73,17 +97,20 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     """k/v [T, Hkv, D] into the paged KV caches [num_blocks, block_size, Hkv, D] at slot_mapping (-1: skip)."""
     if use_triton(k):
         from kernels.ops.paged_attention import write_kv_cache_triton
-        return write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
+        with on_device(k):
+            return write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
     return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len,
                     softmax_scale=None, match_training=True):
     """New query tokens of each sequence over its keys in the paged KV cache (decode and chunked prefill).
-    match_training: Triton tiles as the training attention's (bit-identical rows), else faster decode tiles."""
+    match_training: Triton tiles as the training attention's (bit-identical rows), else faster decode tiles
+    with split-KV (rows still independent of the batch, not the trainer's bits)."""
     if use_triton(q):
         from kernels.ops.paged_attention import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+        with on_device(q):
+            return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                       max_query_len, softmax_scale, match_training)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                      max_query_len, softmax_scale)
@@ -93,7 +120,8 @@ def linear(x, weight, bias=None):
     """Batch-invariant matmul on the Triton path (a row's result never depends on the other rows)."""
     if use_triton(x):
         from kernels.ops.linear import linear_triton
-        return linear_triton(x, weight, bias)
+        with on_device(x):
+            return linear_triton(x, weight, bias)
     return reference.linear(x, weight, bias)
 
 

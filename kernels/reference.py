@@ -69,6 +69,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 ROW_BLOCK = 64
 CHUNK_ROWS = 256
 
+
 def _logit_blocks(hidden, weight, temperature):
     """For the rows in blocks of ROW_BLOCK: (first row, rows, z) where z is the block's fp32
     logits / temperature, always computed as exactly ROW_BLOCK (zero-padded) rows. As the reference, the matmul
@@ -154,6 +155,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def head_logits_chunked(hidden, weight, temperature=1.0):
+    """[T, V] fp32 logits / temperature, block for block as token_logprobs_chunked computes them (the draw and
+    the reported log-prob then share one distribution)."""
+    z = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    for first, n, block in _logit_blocks(hidden, weight, temperature):
+        z[first:first + n] = block[:n]
+    return z
 
 
 def token_logprobs_chunked(hidden, weight, targets, temperature=1.0, return_entropy=False):

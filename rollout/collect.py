@@ -26,7 +26,7 @@ from rollout.envs.base import open_environment
 from rollout.agent.client import AnthropicClient, Prices
 from rollout.agent.expert import AnthropicExpert
 from rollout.agent.oracle import OracleExpert
-from rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, gold_patch_steps
+from rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, derive_seed, gold_patch_steps
 from rollout.sampler.sampling import SamplingParams
 from rollout.tasks import load_tasks
 from rollout.agent.trajectory import Trajectory, TrajectoryWriter
@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-turn-tokens", type=int, default=2048, help="sampler policy: tokens per assistant turn "
                                                                    "at most (a longer turn ends the run as cut)")
     p.add_argument("--kv-cache-gb", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=None, help="sampler policy: trajectory i of task t samples with seeds "
+                                                            "derived from (seed, t, i) (reproducible, batch-order free)")
     args = p.parse_args(argv)
     if args.attempts < 1 or args.concurrency < 1:
         p.error("--attempts and --concurrency must be >= 1")
@@ -154,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         shared_policy = SamplerPolicy(sampler, SamplingParams(temperature=args.temperature,
                                                                    max_tokens=args.max_turn_tokens))
 
-    jobs = [Job(task, shared_policy or ScriptedPolicy(gold_patch_steps(task, SCRIPTED_TEST_COMMAND)), attempt)
-            for task in tasks for attempt in range(args.attempts)]
+    def policy_for(index: int, task, attempt: int):
+        if isinstance(shared_policy, SamplerPolicy) and args.seed is not None:
+            return SamplerPolicy(shared_policy.server, shared_policy.params, seed=derive_seed(args.seed, index, attempt))
+        return shared_policy or ScriptedPolicy(gold_patch_steps(task, SCRIPTED_TEST_COMMAND))
+
+    jobs = [Job(task, policy_for(i, task, attempt), attempt) for i, task in enumerate(tasks)
+            for attempt in range(args.attempts)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trajectories.jsonl").unlink(missing_ok=True)
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     done = []
     start = time.perf_counter()
     with TrajectoryWriter(out / "trajectories.jsonl") as writer:
-        def on_done(t: Trajectory) -> None:
+        def on_done(job: Job, t: Trajectory) -> None:
             done.append(t)
             resolved = {None: "not evaluated", True: "resolved", False: "unresolved"}[t.resolved]
             print(f"[{len(done)}/{len(jobs)}] {t.task_id} #{t.attempt}: {t.termination} after {t.steps} steps, "

@@ -5,7 +5,8 @@ import torch
 
 from kernels import reference
 from kernels.ops.attention import varlen_attention_triton
-from kernels.ops.paged_attention import paged_attention_triton, write_kv_cache_triton
+from kernels.ops.paged_attention import SPLITS, decode_plan, paged_attention_triton, split_len, write_kv_cache_triton
+from tests.numerics import assert_close_to_fp64
 
 
 def make_case(lengths, query_lens, hq, hkv, d, block_size, dtype, seed=0):
@@ -62,6 +63,7 @@ def dense_fp64(case):
     ([37, 16, 5], [1, 1, 1], 4, 2, 16, 16, True),     # decode, nice
     ([37, 16, 5], [1, 1, 1], 4, 2, 16, 16, False),    # decode with its own (small) query tiles
     ([45, 3, 29], [13, 3, 1], 6, 2, 24, 8, True),     # prefill after a prefix, mixed with decode; odd dims
+    ([45, 3, 70], [13, 3, 1], 6, 2, 24, 8, False),    # the same in fast mode: split decode rows + prefill tiles
 ])
 def test_paged_attention_matches_fp64_oracle(lengths, query_lens, hq, hkv, d, block_size, match_training):
     case = make_case(lengths, query_lens, hq, hkv, d, block_size, torch.float32)
@@ -121,3 +123,88 @@ def test_write_kv_cache_of_strided_views():
     for i, slot in enumerate(slots.tolist()):
         if slot >= 0:
             assert torch.equal(flat_k[slot], k[i]) and torch.equal(flat_v[slot], v[i])
+
+
+# --- GQA-packed decode, split-KV (fast mode) and the exact mode on odd shapes -------------------------------
+
+def subset(case, idx):
+    """The sequences idx of a case as a batch of their own (their block tables narrowed to what they use)."""
+    pick = {key: [case[key][i] for i in idx] for key in ("q", "k", "v", "slots", "lengths", "query_lens")}
+    width = max(-(-n // case["k_cache"].shape[1]) for n in pick["lengths"])
+    return dict(case, tables=case["tables"][idx][:, :width].contiguous(), **pick)
+
+
+def rows_of(case, i):
+    """The output rows of sequence i of a case's batch."""
+    start = sum(case["query_lens"][:i])
+    return slice(start, start + case["query_lens"][i])
+
+
+ODD_CONTEXTS = [1, 15, 16, 17, 1030]  # one key, around a 16-key block, and many split-KV pieces
+
+
+@pytest.mark.parametrize("match_training", [True, False], ids=["exact", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hq,hkv,d", [(7, 1, 64), (14, 2, 128)])  # GQA 7:1
+def test_decode_gqa_split_kv_vs_fp64(hq, hkv, d, dtype, match_training):
+    case = make_case(ODD_CONTEXTS, [1] * len(ODD_CONTEXTS), hq, hkv, d, 16, dtype, seed=1)
+    fill_cache(case, reference.write_kv_cache)  # (the Triton writer is tested above; it is slow interpreted)
+    got = attend(case, lambda *a: paged_attention_triton(*a, match_training=match_training))
+    assert got.dtype == dtype
+    assert_close_to_fp64("paged decode", got, attend(case, reference.paged_attention), dense_fp64(case))
+
+
+@pytest.mark.parametrize("match_training", [True, False], ids=["exact", "fast"])
+def test_rows_are_bitwise_invariant_to_the_batch_composition(match_training):
+    # Long split decode rows, short unsplit ones, a prefill chunk, piece boundaries (32 keys in the interpreter).
+    lengths, query_lens = [1030, 17, 40, 1, 100, 33], [1, 1, 5, 1, 1, 1]
+    case = make_case(lengths, query_lens, 7, 1, 64, 16, torch.float32, seed=2)
+    fill_cache(case, reference.write_kv_cache)
+
+    def run(c):
+        return attend(c, lambda *a: paged_attention_triton(*a, match_training=match_training))
+
+    full = run(case)
+    for idx in ([0], [1, 3], [3, 0, 4], [2], [5, 2, 1]):  # alone, decode only (no split), reordered, ...
+        part = subset(case, idx)
+        got = run(part)
+        for j, i in enumerate(idx):
+            assert torch.equal(got[rows_of(part, j)], full[rows_of(case, i)]), f"sequence {i} in batch {idx}"
+
+
+@pytest.mark.parametrize("hq,hkv,d,lengths", [(7, 1, 64, [1, 15, 16, 17, 150]), (14, 2, 128, [17, 16, 1, 70])])
+def test_exact_mode_equals_training_attention_bitwise(hq, hkv, d, lengths):
+    """Decode rows at several positions and a prefill chunk, GQA-packed, against the trainer's varlen attention
+    of the whole sequences. (Rows sit at other tile positions than in training: under the interpreter this needs
+    a tl.dot whose rows do not depend on their place in the tile; see tests/conftest.py.)"""
+    case = make_case(lengths, [1] * len(lengths), hq, hkv, d, 16, torch.float32, seed=3)
+    fill_cache(case, reference.write_kv_cache)
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    train = varlen_attention_triton(torch.cat(case["q"]), torch.cat(case["k"]), torch.cat(case["v"]),
+                                    bounds.to(torch.int32))
+    # Decode at the last position of every sequence, then at earlier ones (the sequence cut there).
+    decode = attend(case, paged_attention_triton)
+    for i, n in enumerate(lengths):
+        assert torch.equal(decode[i], train[bounds[i] + n - 1]), f"decode of sequence {i} at {n - 1}"
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    for cut in (1, 16, 33, lengths[longest] - 20):
+        one = subset(case, [longest])
+        got = attend(dict(one, lengths=[cut]), paged_attention_triton)
+        assert torch.equal(got[0], train[bounds[longest] + cut - 1]), f"decode at position {cut - 1}"
+    # A chunk of 13 tokens after a cached prefix.
+    n = lengths[longest]
+    chunk = attend(dict(subset(case, [longest]), query_lens=[13]), paged_attention_triton)
+    assert torch.equal(chunk, train[bounds[longest] + n - 13:bounds[longest] + n])
+
+
+def test_split_kv_pieces_depend_on_the_context_length_only():
+    for on_gpu, block_n in ((True, 64), (False, 16)):
+        split_min, max_splits = SPLITS[on_gpu]
+        for ctx in range(1, 20000, 7):
+            length = split_len(ctx, block_n, split_min, max_splits)
+            assert length % block_n == 0 and length >= split_min and -(-ctx // length) <= max_splits
+    assert [-(-n // split_len(n, 64, *SPLITS[True])) for n in (1, 512, 513, 4096, 12288, 32768)] == [1, 1, 2, 8, 16, 16]
+    # Exact mode keeps the trainer's tiles and never splits; fast decode packs the 7 heads of a group in 16 rows.
+    exact, fast = (decode_plan(True, torch.bfloat16, 128, 7, m) for m in (True, False))
+    assert exact["decode"] == exact["prefill"] and exact["decode"]["split"] is None
+    assert (fast["decode"]["block_m"], fast["decode"]["split"], fast["prefill"]["split"]) == (16, SPLITS[True], None)

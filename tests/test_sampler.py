@@ -284,7 +284,7 @@ def test_sample_tokens_follows_the_truncated_distribution(top_k, top_p):
     expected /= expected.sum()
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * draws
     generators = [torch.Generator().manual_seed(i) for i in range(draws)]
-    tokens = sample_tokens(logits.expand(draws, 8).clone(), params, generators)
+    tokens = sample_tokens((logits / temperature).expand(draws, 8).clone(), params, generators)
     freq = torch.bincount(tokens, minlength=8).double() / draws
     sigma = (expected * (1 - expected) / draws).sqrt()
     assert torch.all((freq - expected).abs() <= 5 * sigma + 1e-12), (freq, expected)

@@ -170,3 +170,19 @@ def test_triton_path_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
     monkeypatch.setattr(_validate, "INTERPRETING", False)
     with pytest.raises(ValueError, match="token_logprobs: hidden is on cpu; the Triton kernels need a CUDA tensor"):
         tlp.token_logprobs_triton(torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,)))
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_head_logits_are_the_logits_token_logprobs_uses(impl):
+    """The sampler draws from softmax(head_logits) and reports token_logprobs: one distribution."""
+    from kernels.ops.token_logprobs import head_logits_triton
+    head = {"triton": head_logits_triton, "chunked": reference.head_logits_chunked}[impl]
+    T, H, V, temperature = SHAPES["odd"]
+    hidden, weight, targets, _, _ = make_inputs(T, H, V)
+    z = head(hidden, weight, temperature)
+    assert z.shape == (T, V) and z.dtype == torch.float32
+    exact = (hidden.double() @ weight.double().t()) / temperature
+    assert (z.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+    logp = IMPLS[impl](hidden, weight, targets, temperature)
+    from_z = torch.log_softmax(z.double(), -1).gather(1, targets[:, None]).squeeze(1)
+    assert (logp.double() - from_z).abs().max() <= 2e-6

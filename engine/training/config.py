@@ -69,6 +69,38 @@ class LogSection:
 
 
 @dataclass
+class RLSection:
+    """Phase 2 (GRPO on agent rollouts); defaults are the method's (../shared/reference/method.md)."""
+    tasks: str = ""                 # SWE-bench-format task file (default: the bundled tasks)
+    prompts_per_step: int = 4       # tasks per step, over all ranks
+    group_size: int = 6             # G: trajectories per task (a group stays on one rank)
+    stages: list[str] = field(default_factory=lambda: ["1-80", "81-160"])   # curriculum: Stage I, Stage II
+    backend: str = "auto"           # auto (Docker when it answers, else sandbox) | docker | sandbox
+    max_envs: int = 32              # environments (containers) at once per rank
+    expert: str = "oracle"          # oracle | anthropic | none
+    expert_model: str = "claude-sonnet-4-5"
+    max_steps: int = 60
+    max_context_tokens: int = 32768
+    max_turn_tokens: int = 2048
+    max_seconds: float = 1800.0     # wall-clock limit per trajectory
+    command_timeout_s: float = 120.0
+    expert_quota: int = 6
+    expert_budget_usd: float = 2.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    mask_truncated: bool = False    # trajectories that hit a limit: masked out of the update (else scored)
+    drop_zero_variance: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal are dropped
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0            # 0: no reference model is loaded
+    reference: str = ""             # the frozen reference (default: model.path, the SFT checkpoint)
+    mini_batches: int = 1           # optimizer steps per RL step
+    recompute_logprobs: bool = True   # fast mode: old log-probs from the trainer (exact mode: the sampler's)
+    tis_cap: float = 2.0            # truncated importance weight on trainer/sampler probability (0: off)
+    kv_cache_fraction: float = 0.8  # of the memory free when the pool is built (CUDA)
+
+
+@dataclass
 class TrainConfig:
     phase: str = "sft"
     output_dir: str = "runs/sft"
@@ -79,13 +111,16 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    rl: RLSection = field(default_factory=RLSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _CHOICES = {
-    "phase": ("sft",),
+    "phase": ("sft", "grpo"),
+    "rl.backend": ("auto", "docker", "sandbox"),
+    "rl.expert": ("oracle", "anthropic", "none"),
     "device": ("auto", "cpu", "cuda"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -93,9 +128,12 @@ _CHOICES = {
     "data.bad_line_policy": ("error", "skip"),
 }
 _POSITIVE = ("data.max_seq_len", "train.steps", "train.global_batch_size", "train.micro_batch_tokens",
-             "checkpoint.keep_last", "log.every")
+             "checkpoint.keep_last", "log.every", "rl.prompts_per_step", "rl.max_envs", "rl.max_steps",
+             "rl.max_context_tokens", "rl.max_turn_tokens", "rl.max_seconds", "rl.command_timeout_s",
+             "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction")
 _NON_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "checkpoint.every",
-                 "log.peak_tflops")
+                 "log.peak_tflops", "rl.expert_quota", "rl.temperature", "rl.eps_low", "rl.eps_high",
+                 "rl.kl_coef", "rl.tis_cap")
 
 
 def _fill(cls, values: dict, prefix: str):
@@ -160,18 +198,55 @@ def _validate(cfg: TrainConfig):
             raise ConfigError(f"config: {name} must be >= 0, got {get(name)!r}")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"config: train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio!r}")
-    if not cfg.model.path:
+    if cfg.phase == "grpo":
+        _validate_rl(cfg.rl)
+    elif not cfg.model.path:
         raise ConfigError("config: model.path is required (a Hugging Face Qwen2 checkpoint directory)")
-    if not cfg.data.train_files:
+    elif not cfg.data.train_files:
         raise ConfigError("config: data.train_files is empty (JSONL files of trajectories or chat messages)")
     from engine.checkpoint import parse_size  # checked now, not at the first checkpoint hours later
     try:
         parse_size(cfg.checkpoint.max_shard_size)
     except ValueError as e:
         raise ConfigError(f"config: checkpoint.{e}") from None
-    if cfg.train.micro_batch_tokens < cfg.data.max_seq_len:
+    if cfg.phase == "sft" and cfg.train.micro_batch_tokens < cfg.data.max_seq_len:
         raise ConfigError(f"config: train.micro_batch_tokens ({cfg.train.micro_batch_tokens}) must be >= "
                           f"data.max_seq_len ({cfg.data.max_seq_len}) so that every sample fits a micro-batch")
+
+
+def _validate_rl(rl: RLSection) -> None:
+    if rl.group_size < 2:
+        raise ConfigError(f"config: rl.group_size must be >= 2 (a group advantage needs two samples), "
+                          f"got {rl.group_size}")
+    if not 0 < rl.top_p <= 1:
+        raise ConfigError(f"config: rl.top_p must be in (0, 1], got {rl.top_p}")
+    curriculum(rl)
+
+
+def curriculum(rl: RLSection):
+    """rl.stages ("first-last" step ranges of Stage I, Stage II) as a rewards.Curriculum."""
+    from rewards.curriculum import STAGE_I_OVERRIDES, STAGE_II_OVERRIDES, Curriculum, Stage
+    from rewards.shaping import RewardConfig
+
+    if len(rl.stages) != 2:
+        raise ConfigError(f"config: rl.stages must name the two stages' step ranges, e.g. [\"1-80\", \"81-160\"]; "
+                          f"got {rl.stages!r}")
+    ranges = []
+    for text in rl.stages:
+        try:
+            first, last = (int(x) for x in text.split("-"))
+        except ValueError:
+            raise ConfigError(f"config: rl.stages entry {text!r} is not a step range like \"1-80\"") from None
+        ranges.append((first, last))
+    base = RewardConfig()
+    stages = [Stage("I", *ranges[0], base.with_overrides(**STAGE_I_OVERRIDES)),
+              Stage("II", *ranges[1], base.with_overrides(**STAGE_II_OVERRIDES))]
+    if ranges[0][0] != 1:
+        raise ConfigError(f"config: rl.stages: Stage I must start at step 1, got {rl.stages[0]!r}")
+    try:
+        return Curriculum(stages)
+    except ValueError as e:
+        raise ConfigError(f"config: rl.stages = {rl.stages!r}: {e}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

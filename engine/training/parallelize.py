@@ -1,12 +1,15 @@
-"""Parallelism applied to the model from outside (the model file stays plain): activation checkpointing and
-FSDP2 sharding."""
+"""Parallelism applied to the model from outside (the model file stays plain): activation checkpointing, FSDP2
+sharding, and rollout mode (the sharded model unsharded in place for the in-process sampler)."""
 from __future__ import annotations
 
 import functools
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
@@ -26,6 +29,9 @@ def apply_activation_checkpointing(model: Qwen2ForCausalLM) -> None:
         layer._activation_checkpointed = True
 
 
+RESHARD_ATTR = "_protege_reshard_after_forward"   # training's setting, restored when rollout mode ends
+
+
 def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dtype: torch.dtype) -> None:
     """FSDP2: one parameter group per decoder layer, the rest (embedding, final norm, head) in the root's.
     Parameters keep their stored dtype (the fp32 master copy); compute runs in `compute_dtype` and gradients
@@ -38,7 +44,9 @@ def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dt
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again first in the backward: keep them gathered.
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+        setattr(layer, RESHARD_ATTR, i < len(layers) - 1)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+    setattr(root, RESHARD_ATTR, True)
 
 
 def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype: torch.dtype,
@@ -62,6 +70,17 @@ def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype:
     return model, root
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(master dtype, compute dtype) of model.dtype / model.compute_dtype ("auto": bf16 on CUDA, else fp32)."""
+    compute = model_cfg.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.type == "cuda" else "float32"
+    return _DTYPES[model_cfg.dtype], _DTYPES[compute]
+
+
 def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dtype, runtime: Runtime,
                          activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module]
                          ) -> tuple[Qwen2ForCausalLM, nn.Module]:
@@ -80,3 +99,88 @@ def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dty
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+class RolloutMode:
+    """The training model switched to sampling and back, in place (torchtitan-style, from outside the model).
+
+    enter(): every FSDP2 group (the layers and the root) is all-gathered once, in the compute dtype, and kept
+    unsharded: the sampler then runs on the very parameters FSDP gathered, with no per-forward all-gather
+    and no copy. leave(): the sampler's KV pool and graphs are freed, the groups resharded (training's
+    reshard-after-forward restored) and the model's weight version bumped, so nothing computed with these
+    weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
+    Use as `with rollout_mode: ...`; `last_switch` holds the last enter + leave cost."""
+
+    def __init__(self, root: nn.Module, model: Qwen2ForCausalLM, sampler=None):
+        self.root, self.model, self.sampler = root, model, sampler
+        self.groups = [m for m in root.modules() if isinstance(m, FSDPModule)]   # the root first
+        self.active = False
+        self.last_switch = SwitchStats()
+
+    def enter(self) -> RolloutMode:
+        if self.active:
+            raise RuntimeError("RolloutMode.enter: already in rollout mode")
+        started = time.perf_counter()
+        if self.groups:
+            # FSDP2 takes the first module run as its root: the sampler runs the layers alone, so the root
+            # (model and loss) must be made the root before a rollout can come first.
+            self.groups[0]._get_fsdp_state()._lazy_init()
+        for group in self.groups:
+            group.set_reshard_after_forward(False, recurse=False)
+        for group in reversed(self.groups):   # layers, then the root
+            group.unshard()
+        self.active = True
+        self.last_switch = SwitchStats(enter_seconds=time.perf_counter() - started,
+                                       gathered_bytes=_param_bytes(self.model) if self.groups else 0,
+                                       copied_bytes=_copied_bytes(self.groups, self.model))
+        return self
+
+    def leave(self) -> SwitchStats:
+        if not self.active:
+            raise RuntimeError("RolloutMode.leave: not in rollout mode")
+        if self.sampler is not None:
+            if self.sampler.has_unfinished():
+                raise RuntimeError(f"RolloutMode.leave: the sampler still runs {self.sampler.num_unfinished} "
+                                   f"request(s); finish or abort them first (Sampler.abort_all)")
+            self.sampler.release()
+        started = time.perf_counter()
+        for group in self.groups:
+            group.reshard()
+            group.set_reshard_after_forward(getattr(group, RESHARD_ATTR, True), recurse=False)
+        self.model.weight_version += 1
+        self.active = False
+        self.last_switch.leave_seconds = time.perf_counter() - started
+        return self.last_switch
+
+    def __enter__(self) -> RolloutMode:
+        return self.enter()
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self.sampler is not None:
+            self.sampler.abort_all()   # an error mid-rollout: drop its requests, then switch back
+        self.leave()
+
+
+@dataclass
+class SwitchStats:
+    enter_seconds: float = 0.0
+    leave_seconds: float = 0.0
+    gathered_bytes: int = 0      # FSDP's own all-gather of the compute-dtype parameters
+    copied_bytes: int = 0        # parameter bytes the sampler reads from anywhere else (the goal: 0)
+
+    @property
+    def seconds(self) -> float:
+        return self.enter_seconds + self.leave_seconds
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _copied_bytes(groups: list, model: nn.Module) -> int:
+    """Bytes of the model's parameters that are not FSDP's own unsharded storage (storage identity)."""
+    if not groups:
+        return 0
+    owned = {fp.unsharded_param.data_ptr() for g in groups
+             for fp in g._get_fsdp_state()._fsdp_param_group.fsdp_params}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.data_ptr() not in owned)

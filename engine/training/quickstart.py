@@ -1,17 +1,15 @@
-"""The built-in default job: phase 1 end to end on a CPU in minutes.
+"""The built-in default job: both phases end to end on a CPU in minutes.
 
     python -m engine.training.quickstart [--out runs/quickstart]
 
 1. trains a small byte-level BPE tokenizer on the bundled tasks' text (offline, milliseconds);
-2. collects expert-augmented SFT trajectories on the bundled tasks: the scripted policy replays each
-   gold fix, asks the offline OracleExpert, runs the tests and submits, in the bubblewrap sandbox; only
-   resolved trajectories are kept (the method's SFT recipe);
-3. makes a small random Qwen2-architecture model and fine-tunes it on them with engine/train.py's SFT loop;
-4. measures: the loss before and after, and the resolve rate of the trained model on the bundled tasks
-   (greedy decoding through the engine's own sampler, local sandbox), against the untrained model's.
-   The tasks are the ones it was trained on: this shows the whole loop learns (data, loss masks, training,
-   checkpoint, sampler, agent, evaluation), not that a 0.66M-parameter model generalises.
-The same pipeline at scale is a real Qwen2.5 directory + `torchrun engine/train.py` (README)."""
+2. collects expert-augmented SFT trajectories: the scripted policy replays each gold fix, asks the offline
+   OracleExpert, runs the tests and submits, in the bubblewrap sandbox; resolved ones are kept;
+3. fine-tunes a small random Qwen2 on them (engine/train.py's SFT loop), briefly: room is left to learn;
+4. runs a few GRPO steps on the SFT model's own rollouts (engine/train.py's phase 2, shaped rewards);
+5. measures resolve rate, reward, loop rate and steps on held-out seeds before SFT, after SFT and after
+   GRPO. The tasks are the ones it trains on: this shows the loop learns, not that a 0.7M-parameter
+   model generalises. At scale: a real Qwen2.5 directory + `torchrun engine/train.py` (README)."""
 from __future__ import annotations
 
 import argparse
@@ -21,28 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from engine.config import ModelConfig
-from engine.training.runtime import init_runtime
-from engine.model import Qwen2ForCausalLM
-from engine.training.sft import run_sft
-from engine.tokenizer import Tokenizer, train_bpe_tokenizer
+from engine.tokenizer import train_bpe_tokenizer
 from engine.training.config import load_config
+from engine.training.rl import run_grpo
+from engine.training.runtime import init_runtime
+from engine.training.sft import run_sft
+from engine.training.tiny import make_tiny_base, tokenizer_corpus
 
 
 MARKER = ".protege-quickstart"   # in --out: this directory is the quickstart's own, safe to replace
-
-
-def tokenizer_corpus() -> list[str]:
-    from rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
-    from rollout.tasks import BUNDLED_DIR, bundled_tasks
-    from rollout.agent.tools import TOOLS
-    texts = [SYSTEM_PROMPT, TASK_PROMPT, json.dumps(TOOLS)]
-    for task in bundled_tasks():
-        texts += [task.problem_statement, task.patch, task.test_patch]
-    texts += [p.read_text(errors="replace") for p in sorted(BUNDLED_DIR.rglob("*.py"))]
-    return texts
 
 
 def collect(out: Path, tokenizer_dir: Path, policy: list[str]) -> dict:
@@ -55,15 +40,32 @@ def collect(out: Path, tokenizer_dir: Path, policy: list[str]) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def sampler_policy(checkpoint: Path) -> list[str]:
-    return ["--policy", "sampler", "--checkpoint", str(checkpoint), "--temperature", "0", "--max-steps", "12",
-            "--max-context-tokens", "6144", "--max-turn-tokens", "320", "--kv-cache-gb", "0.25", "--no-judge"]
+def sampler_policy(checkpoint: Path, *extra: str) -> list[str]:
+    return ["--policy", "sampler", "--checkpoint", str(checkpoint), "--max-steps", "12",
+            "--max-context-tokens", "6144", "--max-turn-tokens", "320", "--kv-cache-gb", "0.25", "--no-judge", *extra]
+
+
+def held_out(out: Path, checkpoint: Path) -> dict:
+    """Sampled (temperature 1) on every bundled task with seeds no training step used: resolve rate, mean
+    Stage I reward, loop rate, steps."""
+    import rewards
+    from rollout.agent.trajectory import load_trajectories
+    summary = collect(out, checkpoint, sampler_policy(checkpoint, "--attempts", str(EVAL_ATTEMPTS),
+                                                      "--seed", str(EVAL_SEED)))
+    stage_one = rewards.Curriculum.default().stage_at(1).reward
+    scores = [rewards.score(t.reward_input(), stage_one).R_total for t in load_trajectories(out / "trajectories.jsonl")]
+    return {"resolve_rate": summary["resolve_rate"], "reward": sum(scores) / len(scores),
+            "loop_rate": summary["loop_rate"], "steps": summary["steps_mean"]}
+
+
+EVAL_SEED, EVAL_ATTEMPTS = 10_007, 2   # held-out: GRPO samples with seeds derived from the run seed (0)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.training.quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=100, help="SFT optimizer steps")
+    p.add_argument("--steps", type=int, default=40, help="SFT optimizer steps (short: leave GRPO room to learn)")
+    p.add_argument("--rl-steps", type=int, default=4, help="GRPO steps after SFT (0: phase 1 only)")
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     p.add_argument("--skip-eval", action="store_true", help="do not measure resolve rates with the sampler")
     args = p.parse_args(argv)
@@ -83,21 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     base = out / "base-model"
     started = time.perf_counter()
 
-    print("[1/4] tokenizer: byte-level BPE on the bundled tasks' text", flush=True)
+    print("[1/5] tokenizer: byte-level BPE on the bundled tasks' text", flush=True)
     tokenizer = train_bpe_tokenizer(tokenizer_corpus(), vocab_size=2048, out_dir=base)
 
-    print("[2/4] SFT data: scripted policy + oracle expert on the bundled tasks (sandbox)", flush=True)
+    print("[2/5] SFT data: scripted policy + oracle expert on the bundled tasks (sandbox)", flush=True)
     data = collect(out / "sft-data", base, ["--policy", "scripted", "--keep-resolved", "--attempts", "1"])
     lengths = [sum(len(m["token_ids"]) for m in json.loads(line)["messages"])
                for line in (out / "sft-data" / "trajectories.jsonl").read_text().splitlines()]
 
-    print("[3/4] SFT of a small Qwen2 model", flush=True)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                         max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True,
-                         eos_token_id=list(Tokenizer.from_dir(base).eos_ids))
-    Qwen2ForCausalLM(config).save_pretrained(base)
+    print("[3/5] SFT of a small Qwen2 model", flush=True)
+    make_tiny_base(base, tokenizer=tokenizer)
     run_dir = out / "sft"
     cfg = load_config(None, [
         f"output_dir={json.dumps(str(run_dir))}", f"model.path={json.dumps(str(base))}",
@@ -111,12 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     report = {"tasks": data["tasks"], "sft_trajectories": len(lengths), "sft_tokens": sum(lengths),
               "loss_first_step": summary["first_loss"], "loss_last_step": summary["final_loss"],
               "checkpoint": summary["checkpoint"], "metrics": summary["metrics"], "plot": summary["plot"]}
+    sft_model = Path(summary["checkpoint"])
+    if args.rl_steps:
+        print("[4/5] GRPO: the SFT model's own rollouts on the bundled tasks (oracle expert, sandbox), shaped "
+              "rewards, in-process sampler", flush=True)
+        rl_cfg = load_config(None, [
+            'phase="grpo"', f"output_dir={json.dumps(str(out / 'grpo'))}", f"model.path={json.dumps(str(sft_model))}",
+            f"train.steps={args.rl_steps}", "train.lr=2e-4", "train.micro_batch_tokens=16384", "train.min_lr_ratio=1.0",
+            "checkpoint.every=0", "checkpoint.keep_last=1", "log.progress=false", "rl.prompts_per_step=7",
+            "rl.group_size=4", 'rl.backend="sandbox"', "rl.max_steps=12", "rl.max_context_tokens=6144",
+            "rl.max_turn_tokens=320", "rl.max_envs=8", "rl.command_timeout_s=30"])
+        rl_summary = run_grpo(rl_cfg, init_runtime("cpu"), resume=False)
+        report.update(grpo_checkpoint=rl_summary["checkpoint"], grpo_metrics=rl_summary["metrics"],
+                      grpo_plot=rl_summary["plot"])
     if not args.skip_eval:
-        print("[4/4] resolve rate on the bundled tasks, greedy, through the engine's sampler", flush=True)
-        before = collect(out / "eval-untrained", base, sampler_policy(base))
-        after = collect(out / "eval-trained", Path(summary["checkpoint"]), sampler_policy(Path(summary["checkpoint"])))
-        report.update(resolve_rate_untrained=before["resolve_rate"], resolve_rate_trained=after["resolve_rate"],
-                      eval_trajectories=str(out / "eval-trained" / "trajectories.jsonl"))
+        print("[5/5] held-out seeds on the bundled tasks, through the engine's sampler: before and after", flush=True)
+        report["untrained"] = held_out(out / "eval-untrained", base)
+        report["after_sft"] = held_out(out / "eval-sft", sft_model)
+        if args.rl_steps:
+            report["after_grpo"] = held_out(out / "eval-grpo", Path(report["grpo_checkpoint"]))
     report["minutes"] = round((time.perf_counter() - started) / 60, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\nQuickstart report (also in " + str(out / "report.json") + "):")

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from engine.checkpoint import save_state_dict
+from engine.training.config import ConfigError
 from engine.training.runtime import Runtime, barrier
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -37,6 +38,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_dir(run_dir)
     done = [p for p in root.glob("step_*") if _STEP_DIR.fullmatch(p.name) and (p / "trainer.json").is_file()]
     return max(done, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)), default=None)
+
+
+def resume_point(run_dir: Path, resume: bool, runtime: Runtime) -> Path | None:
+    """The checkpoint a run continues from (None: from the start); a fresh run refuses a directory that holds
+    another run's checkpoints."""
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None and runtime.is_main:
+        print(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, or "
+                          f"choose another output_dir")
+    return checkpoint
 
 
 def _rng_state() -> dict:

@@ -17,19 +17,19 @@ from torch import nn
 import kernels
 from engine.model import Qwen2ForCausalLM
 from engine.tokenizer import Tokenizer
-from engine.training.config import ConfigError, TrainConfig, save_config
+from engine.training.config import TrainConfig, save_config
 from engine.training.data import DataError, GlobalBatches, MicroBatch, Sample, SFTDataset, make_micro_batch, pack_micro_batches
 from engine.training.metrics import MetricsLog, peak_memory_bytes, plot_loss, training_flops
-from engine.training.parallelize import build_training_model
-from engine.training.resume import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from engine.training.parallelize import build_training_model, training_dtypes
+from engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
 from engine.training.runtime import Runtime, all_reduce
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TokenNLL(nn.Module):
     """The model and its loss as one module (the FSDP root), so the head's weight is gathered while the
-    fused head + log-softmax (kernels.token_logprobs) uses it. Returns the summed weighted NLL."""
+    fused head + log-softmax (kernels.token_logprobs) uses it. Returns the summed weighted NLL. The head runs
+    only at positions whose target is trained (tool output, most of an agent trajectory, needs none)."""
 
     def __init__(self, model: Qwen2ForCausalLM):
         super().__init__()
@@ -37,8 +37,9 @@ class TokenNLL(nn.Module):
 
     def forward(self, input_ids, cu_seqlens, targets, weights):
         hidden = self.model(input_ids, cu_seqlens=cu_seqlens, return_hidden=True)
-        logp = kernels.token_logprobs(hidden, self.model.lm_head_weight, targets)
-        return -(logp * weights).sum()
+        rows = weights.nonzero().squeeze(1)
+        logp = kernels.token_logprobs(hidden[rows], self.model.lm_head_weight, targets[rows])
+        return -(logp * weights[rows]).sum()
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -56,18 +57,12 @@ def _placeholder_batch() -> MicroBatch:
 
 def run_sft(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     run_dir = Path(cfg.output_dir)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None and runtime.is_main:
-        print(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, or "
-                           f"choose another output_dir")
+    checkpoint = resume_point(run_dir, resume, runtime)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    compute_dtype = _DTYPES[cfg.model.compute_dtype] if cfg.model.compute_dtype != "auto" else (
-        torch.bfloat16 if runtime.device.type == "cuda" else torch.float32)
-    model, root = build_training_model(cfg.model.path, _DTYPES[cfg.model.dtype], compute_dtype, runtime,
+    dtype, compute_dtype = training_dtypes(cfg.model, runtime.device)
+    model, root = build_training_model(cfg.model.path, dtype, compute_dtype, runtime,
                                        cfg.model.activation_checkpointing, TokenNLL)
     model.exact = cfg.model.exact
 
@@ -124,6 +119,7 @@ def run_sft(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        model.weight_version += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

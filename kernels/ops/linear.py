@@ -1,9 +1,14 @@
 """Batch-invariant linear layer, x @ weight.T + bias (Triton): the "exact mode" matmul. A row's result never
 depends on how many rows are computed with it, so the sampler (any batch) and the trainer (packed batches)
-get the same bits: fixed tile sizes (no autotuning on M), no split-K, the K loop in one fixed order, fp32
-accumulation. The backward (dx = dy @ W, dW = dy^T @ x) uses the same kernel, so dW is reduced over the
+get the same bits: BLOCK_N and BLOCK_K fixed (no autotuning), no split-K, the K loop in one fixed order, fp32
+accumulation, so every output element is the same sum in the same order whatever the tile. The M tile follows
+the row count (few rows, as at decode: 16-row tiles, more CTAs) among the tiles that compile to the same
+tensor-core instruction as the 128-row one on the device (block_m_choices), so that no tile asks the GPU for
+other arithmetic. The backward (dx = dy @ W, dW = dy^T @ x) uses the same kernel, so dW is reduced over the
 rows in a fixed order without atomics: deterministic."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -11,8 +16,43 @@ import triton.language as tl
 
 from kernels._validate import INTERPRETING, check_float_tensor, check_like, rows
 
-# One tile shape for every call. The interpreter runs whole tiles through numpy, so big tiles suit it too.
-BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M = 128, 128, 64, 8
+# BLOCK_N, BLOCK_K: one for every call (they fix each element's K order). BLOCK_M: one of BLOCK_MS per call.
+BLOCK_MS, BLOCK_N, BLOCK_K, GROUP_M = (16, 32, 64, 128), 128, 64, 8
+INTERPRETER_SMS = 132  # the tile choice under the interpreter, as on an H100/H200 (any choice gives the same bits)
+
+
+def block_m_choices(capability, dtype) -> tuple:
+    """The M tiles whose code uses the tensor-core instruction of the 128-row tile, on a device of compute
+    capability (major, minor) (None: the interpreter). benchmarks/gpu_compile.py checks this against the
+    compiled code for sm_80 and sm_90. fp32 takes no tensor cores (fused multiply-adds in K order): any tile.
+    sm_8x: mma.sync m16n8k16 at every size. sm_9x: wgmma m64n128k16 needs 64 rows a warpgroup (fewer fall back
+    to mma.sync): 64 (4 warps) and 128 (8 warps). Other architectures: unchecked, the 128-row tile only."""
+    if capability is None or dtype == torch.float32 or capability[0] == 8:
+        return BLOCK_MS
+    return (64, 128) if capability[0] == 9 else (128,)
+
+
+def num_warps(block_m: int) -> int:
+    return 8 if block_m == 128 else 4  # 64 rows: one warpgroup, so wgmma keeps its n128 shape
+
+
+def pick_block_m(m: int, n: int, choices: tuple, n_sms: int) -> int:
+    """The largest tile that still gives every SM a CTA, else the smallest: a decode step's few rows get
+    small tiles and several CTAs per weight tile (reading it from L2). Only speed depends on this."""
+    tiles_n = triton.cdiv(n, BLOCK_N)
+    for block_m in sorted(choices, reverse=True):
+        if triton.cdiv(m, block_m) * tiles_n >= n_sms:
+            return block_m
+    return min(choices)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tiles(device: torch.device, dtype: torch.dtype):
+    """(M tile choices, SM count) for launches on device."""
+    if INTERPRETING or device.type != "cuda":
+        return block_m_choices(None, dtype), INTERPRETER_SMS
+    props = torch.cuda.get_device_properties(device)
+    return block_m_choices((props.major, props.minor), dtype), props.multi_processor_count
 
 
 @triton.jit(do_not_specialize=["M"])  # M == 1 must compile to the same code as any other M
@@ -54,17 +94,20 @@ def _matmul_kernel(A, B, C, BIAS, M, N, K, stride_am, stride_ak, stride_bk, stri
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _matmul(a, a_strides, b, b_strides, m, n, k, bias, dtype):
-    """[m, k] @ [k, n] (+ bias) -> [m, n] in dtype; a_strides and b_strides are (row, column) strides."""
+def _matmul(a, a_strides, b, b_strides, m, n, k, bias, dtype, block_m=None):
+    """[m, k] @ [k, n] (+ bias) -> [m, n] in dtype; a_strides and b_strides are (row, column) strides.
+    block_m: the M tile (default: chosen for m, n and the device; the result does not depend on it)."""
     c = torch.empty((m, n), dtype=dtype, device=a.device)
     if m and n:
-        grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
+        if block_m is None:
+            block_m = pick_block_m(m, n, *_device_tiles(a.device, dtype))
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, BLOCK_N),)
         _matmul_kernel[grid](
             a, b, c, bias if bias is not None else c, m, n, k, *a_strides, *b_strides, c.stride(0),
             HAS_BIAS=bias is not None, UPCAST=INTERPRETING,
             IEEE_FP32=dtype == torch.float32,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-            num_warps=8, num_stages=2 if dtype == torch.float32 else 3)
+            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+            num_warps=num_warps(block_m), num_stages=2 if dtype == torch.float32 else 3)
     return c
 
 

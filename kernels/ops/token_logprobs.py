@@ -90,6 +90,21 @@ def _forward_split_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, T, V, H, stride_h, st
 
 
 @triton.jit
+def _head_logits_kernel(h_ptr, w_ptr, z_ptr, T, V, H, stride_h, stride_w, stride_z, inv_temp,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                        FP32_DOT: tl.constexpr):
+    """z = logits / temperature of one [BLOCK_T, BLOCK_V] tile, the very numbers the forward's softmax uses."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < T
+    col_mask = cols < V
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                     BLOCK_T, BLOCK_V, BLOCK_H, FP32_DOT) * inv_temp
+    tl.store(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], z,
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _forward_combine_kernel(part_ptr, logp_ptr, lse_ptr, entropy_ptr, mean_ptr, T, NUM_SPLITS,
                             BLOCK: tl.constexpr):
     """Merge the splits' statistics in split order (fixed, so deterministic and batch-invariant)."""
@@ -242,3 +257,17 @@ def token_logprobs_triton(hidden, weight, targets, temperature=1.0, return_entro
     return (logp, entropy) if return_entropy else logp
 
 
+def head_logits_triton(hidden, weight, temperature=1.0):
+    """[T, V] fp32 logits / temperature, computed tile for tile as token_logprobs_triton computes them, so a
+    token drawn from softmax of these has exactly the distribution whose log-prob that op reports."""
+    check_token_logprobs_inputs(hidden, weight, torch.zeros(hidden.shape[0], dtype=torch.int64,
+                                                            device=hidden.device), temperature)
+    check_float_tensor("head_logits", "hidden", hidden)
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    (T, H), V = hidden.shape, weight.shape[0]
+    z = torch.empty(T, V, dtype=torch.float32, device=hidden.device)
+    if T:
+        _head_logits_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(V, BLOCK_V))](
+            hidden, weight, z, T, V, H, hidden.stride(0), weight.stride(0), z.stride(0), 1.0 / temperature,
+            BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, FP32_DOT=_fp32_dot(hidden))
+    return z

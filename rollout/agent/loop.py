@@ -3,13 +3,15 @@
 One step is one assistant turn holding exactly one tool call. A turn that cannot be parsed, has no call,
 or has several gets an error observation and still counts as a step. The run ends with one of:
 submitted, max_steps, context (the conversation reached max_context_tokens or a generation was cut
-short), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
+short), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), time (the
+run's wall-clock limit), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
 Whatever the ending, the final patch is the repository's diff at that point. Afterwards the hidden judge
 scores every answered expert call. run_batch runs many (task, policy) jobs on threads, so a slow command
 holds up only its own trajectory."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ class AgentConfig:
     expert_budget_usd: float = 2.0       # reaching it ends the run ("budget")
     expert_recent_messages: int = 5      # what the expert sees besides the issue and the question
     judge: bool = True                   # score each answered call with the expert's hidden judge
+    max_seconds: float = 3600.0          # wall-clock limit of one trajectory (checked between turns)
 
     def __post_init__(self):
         for name in ("max_steps", "max_context_tokens", "max_observation_chars", "expert_recent_messages"):
@@ -51,7 +54,7 @@ class AgentConfig:
                 raise ValueError(f"AgentConfig.{name}={value!r}: expected an int >= 1")
         if isinstance(self.expert_quota, bool) or not isinstance(self.expert_quota, int) or self.expert_quota < 0:
             raise ValueError(f"AgentConfig.expert_quota={self.expert_quota!r}: expected an int >= 0")
-        for name in ("command_timeout_s", "expert_budget_usd"):
+        for name in ("command_timeout_s", "expert_budget_usd", "max_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"AgentConfig.{name}={value!r}: expected a number > 0")
@@ -147,6 +150,7 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
     """One trajectory of `policy` on `task` in `env` (which the caller opens and closes)."""
     run = _Run(task, env, policy, expert, tokenizer, config, attempt)
     traj = run.traj
+    deadline = time.monotonic() + config.max_seconds
     try:
         run.add({"role": "system", "content": SYSTEM_PROMPT})
         run.add({"role": "user",
@@ -154,6 +158,9 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
         while traj.termination == "":
             if traj.steps >= config.max_steps:
                 traj.termination = "max_steps"
+                break
+            if time.monotonic() >= deadline:
+                traj.termination = "time"
                 break
             room = config.max_context_tokens - len(run.conversation.ids) - len(run.conversation.generation_prompt)
             try:
@@ -208,10 +215,10 @@ class Job:
 def run_batch(jobs: list[Job], make_env: Callable[[object], Environment], expert, tokenizer: Tokenizer,
               config: AgentConfig = AgentConfig(), concurrency: int = 8,
               evaluate: Callable[[object, str], dict] | None = None,
-              on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
+              on_done: Callable[[Job, Trajectory], None] | None = None) -> list[Trajectory]:
     """Run every job (at most `concurrency` at once), each in its own environment, closed afterwards;
-    `evaluate(task, patch)` fills resolved/evaluation. Trajectories come back in job order; `on_done` sees
-    each as it finishes (progress, writing)."""
+    `evaluate(task, patch)` fills resolved/evaluation. Trajectories come back in job order; `on_done(job, traj)`
+    sees each as it finishes (progress, writing)."""
     lock = threading.Lock()
 
     def one(job: Job) -> Trajectory:
@@ -236,7 +243,7 @@ def run_batch(jobs: list[Job], make_env: Callable[[object], Environment], expert
             traj.resolved = False   # an empty patch resolves nothing
         if on_done is not None:
             with lock:
-                on_done(traj)
+                on_done(job, traj)
         return traj
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

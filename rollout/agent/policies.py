@@ -8,6 +8,7 @@
 return the generated token ids and their log-probs, which the trajectory keeps verbatim."""
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, replace
 
@@ -130,18 +131,25 @@ class SamplerPolicy:
     A turn's prompt is the Conversation's token ids plus the generation prompt: the previous prompt, the
     tokens the sampler generated, then the new observation's tokens, never a re-render. Every trajectory
     waiting for its model turn decodes in the same batch (rollout.sampler.server). Each turn may generate
-    up to the room left in the agent's context (and params.max_tokens); a cut generation ends the run."""
+    up to the room left in the agent's context (and params.max_tokens); a cut generation ends the run.
+    `sampler` is a Sampler or a SamplerServer shared by many policies (one per trajectory, each with its own
+    `seed`: turn t is drawn with a seed derived from (seed, t), whatever else runs in the batch)."""
 
-    def __init__(self, sampler, params: SamplingParams = SamplingParams(temperature=1.0), name: str = "sampler"):
-        self.sampler, self.name = sampler, name
+    def __init__(self, sampler, params: SamplingParams = SamplingParams(temperature=1.0), name: str = "sampler",
+                 seed: int | None = None):
+        self.name, self.seed, self._turn = name, seed, 0
         self.params = replace(params, n=1, logprobs=True, on_context_overflow="finish")
-        self.server = SamplerServer(sampler)
+        self._own_server = not isinstance(sampler, SamplerServer)
+        self.server = SamplerServer(sampler) if self._own_server else sampler
 
     def act(self, messages: list[dict], conversation, max_new_tokens: int) -> Turn:
         prompt = conversation.ids + conversation.generation_prompt
         # <|im_end|> ends a turn whatever EOS ids the sampler has (a base model's config names <|endoftext|>).
         params = replace(self.params, max_tokens=max(1, min(self.params.max_tokens, max_new_tokens)),
                          stop_token_ids=(*self.params.stop_token_ids, conversation.tokenizer.im_end_id))
+        if self.seed is not None:
+            params = replace(params, seed=derive_seed(self.seed, self._turn))
+        self._turn += 1
         completion = self.server.generate(prompt, params)
         if not completion.token_ids:   # the prompt alone fills the sampler's context
             raise ContextFull(f"the prompt of {len(prompt)} tokens leaves no room to generate")
@@ -150,7 +158,15 @@ class SamplerPolicy:
 
     def close(self) -> None:
         """Stop serving once the running requests are done (the sampler can then be released)."""
-        self.server.close()
+        if self._own_server:
+            self.server.close()
+
+
+def derive_seed(*parts: int) -> int:
+    """A 62-bit seed from integers (run seed, step, task, sample, turn...): the same parts, the same seed, on
+    any rank and in any order of completion."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 class ContextFull(Exception):

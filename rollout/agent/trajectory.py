@@ -14,7 +14,7 @@ from pathlib import Path
 import rewards
 
 SCHEMA_VERSION = 1
-TERMINATIONS = ("submitted", "max_steps", "context", "eos", "budget", "error")
+TERMINATIONS = ("submitted", "max_steps", "context", "eos", "time", "budget", "error")
 
 
 @dataclass

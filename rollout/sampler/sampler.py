@@ -4,8 +4,9 @@ Batch interface: generate(prompts, params) -> one Completion per prompt (a list 
 Incremental interface (agent loops): add_request(prompt_ids, params) -> request id; step() advances every
 running sequence by one scheduler step and returns the requests that finished in it.
 
-Between rollout and training phases, release() frees the KV pool (it is rebuilt on the next request), and
-new_weight_version() drops the prefix cache, whose KV the old weights computed.
+Between rollout and training phases, release() frees the KV pool (rebuilt, and re-sized from the memory
+free then, on the next request). When the weights change the prefix cache and CUDA graphs are dropped: the
+sampler checks the weights itself at every new request (new_weight_version() says so explicitly).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import kernels
 from engine import _C
@@ -43,6 +45,24 @@ class SamplerStats:
         return 1e3 * self.host_seconds / max(1, self.steps)
 
 
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _sharded(model) -> bool:
+    return _weights_key(model) is None
+
+
+def _weights_key(model):
+    """What identifies the weights: the model's version and each parameter's storage and in-place write
+    count; None while any parameter is a sharded DTensor."""
+    key = [getattr(model, "weight_version", 0)]
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            return None
+        key.append((p.data_ptr(), p._version))
+    return tuple(key)
+
+
 @dataclass
 class _Request:
     prompt_ids: list[int]
@@ -52,39 +72,27 @@ class _Request:
 
 class Sampler:
     def __init__(self, model, *, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 max_model_len: int | None = None, eos_token_ids=None, tokenizer=None, seed: int = 0,
-                 cuda_graph_sizes: tuple[int, ...] | None = None):
-        """model: engine.model.Qwen2ForCausalLM. The KV pool holds num_blocks blocks of block_size tokens, or
-        as many as fit in kv_cache_bytes; with neither, 80% of the GPU memory free now (CUDA), or room for 8
-        sequences of max_position_embeddings tokens up to 2 GiB (CPU). eos_token_ids default to the model
-        config's; tokenizer (with
-        .decode(ids)) is needed only for stop strings. cuda_graph_sizes: decode batch sizes captured as CUDA
-        graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables)."""
+                 kv_cache_fraction: float = 0.8, kv_dtype: torch.dtype | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 eos_token_ids=None, tokenizer=None, seed: int = 0, cuda_graph_sizes: tuple[int, ...] | None = None):
+        """model: engine.model.Qwen2ForCausalLM (unsharded, or FSDP2-sharded and sampled in rollout mode). The
+        KV pool holds num_blocks blocks of block_size tokens, or as many as fit in kv_cache_bytes; with
+        neither, kv_cache_fraction of the GPU memory free when the pool is (re)built (CUDA), or room for 8
+        sequences of max_position_embeddings tokens up to 2 GiB (CPU). kv_dtype: default the dtype the
+        model computes in (its unsharded weights'). eos_token_ids default to the model config's; tokenizer
+        (with .decode(ids)) is needed only for stop strings. cuda_graph_sizes: decode batch sizes captured as
+        CUDA graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables)."""
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("Sampler: give at most one of num_blocks and kv_cache_bytes (the KV pool size)")
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"Sampler: kv_dtype={kv_dtype} is not supported by the kernels: use float16, "
+                             f"bfloat16 or float32")
+        if not 0 < kv_cache_fraction <= 1:
+            raise ValueError(f"Sampler: kv_cache_fraction={kv_cache_fraction} must be in (0, 1]")
         self.model, self.config = model, model.config
-        weight = model.lm_head_weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device = model.lm_head_weight.device
         self.block_size = block_size
-        if num_blocks is None and kv_cache_bytes is None:
-            if self.device.type == "cuda":
-                kv_cache_bytes = int(0.8 * torch.cuda.mem_get_info(self.device)[0])
-            else:
-                per_token = bytes_per_block(self.config, 1, self.dtype)
-                kv_cache_bytes = min(2 << 30, 8 * self.config.max_position_embeddings * per_token)
-        self.num_blocks = num_blocks if num_blocks is not None else \
-            int(kv_cache_bytes) // bytes_per_block(self.config, block_size, self.dtype)
-        if self.num_blocks < 1:
-            raise ValueError(f"Sampler: kv_cache_bytes={kv_cache_bytes} holds no block of {block_size} tokens "
-                             f"({bytes_per_block(self.config, block_size, self.dtype)} bytes)")
-        capacity = self.num_blocks * block_size
-        if max_model_len is None:
-            max_model_len = min(self.config.max_position_embeddings, capacity)
-        elif max_model_len > min(self.config.max_position_embeddings, capacity):
-            raise ValueError(f"Sampler: max_model_len={max_model_len} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings} or the KV pool ({capacity} tokens)")
-        self.max_model_len = max_model_len
+        self._pool_size = (num_blocks, kv_cache_bytes, kv_cache_fraction, max_model_len, kv_dtype)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         if eos_token_ids is None:
             eos = self.config.eos_token_id
@@ -101,17 +109,78 @@ class Sampler:
         self._done: list[RequestOutput] = []  # finished, not yet returned by step()
         self._next_request_id = self._next_seq_id = 0
         self.kv_cache = None
-        self._weight_version = 0  # bumped by new_weight_version(); survives release()
+        self._weight_version = 0   # bumped whenever the weights are seen to change; survives release()
+        self._weights_seen = None  # the weights' key when last checked (_weights_key)
+        self.dtype = self.num_blocks = self.max_model_len = None
+        if not _sharded(model):    # else sized when first used, in rollout mode
+            self._size_pool()
 
     # -- KV pool lifecycle ------------------------------------------------------------------------------
+    def _size_pool(self) -> None:
+        """KV dtype, block count and context limit, from the weights the sampler reads now and the memory free
+        now (called at construction and whenever a pool is built)."""
+        num_blocks, kv_cache_bytes, fraction, max_model_len, kv_dtype = self._pool_size
+        self.dtype = kv_dtype or self.model.lm_head_weight.dtype
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"Sampler: the model computes in {self.dtype}; pass kv_dtype= (float16, bfloat16 "
+                             f"or float32)")
+        per_block = bytes_per_block(self.config, self.block_size, self.dtype)
+        if num_blocks is None and kv_cache_bytes is None:
+            if self.device.type == "cuda":
+                kv_cache_bytes = int(fraction * torch.cuda.mem_get_info(self.device)[0])
+            else:
+                per_token = bytes_per_block(self.config, 1, self.dtype)
+                kv_cache_bytes = min(2 << 30, 8 * self.config.max_position_embeddings * per_token)
+        self.num_blocks = num_blocks if num_blocks is not None else int(kv_cache_bytes) // per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"Sampler: kv_cache_bytes={kv_cache_bytes} holds no block of {self.block_size} "
+                             f"tokens ({per_block} bytes)")
+        limit = min(self.config.max_position_embeddings, self.num_blocks * self.block_size)
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"Sampler: max_model_len={max_model_len} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings} or the KV pool "
+                             f"({self.num_blocks * self.block_size} tokens)")
+        self.max_model_len = max_model_len or limit
+
     def _ensure_pool(self):
         if self.kv_cache is not None:
             return
+        self._size_pool()
         self.kv_cache = KVCache(self.config, self.num_blocks, self.block_size, self.dtype, self.device)
         self.block_manager = _C.BlockManager(self.num_blocks, self.block_size)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
+        self._counted = (0, 0)   # the new scheduler's cached tokens and preemptions already in self.stats
+        self._new_runner()
+
+    def _new_runner(self):
         max_blocks = -(-self.max_model_len // self.block_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, max_blocks, self.cuda_graph_sizes)
+
+    def _check_weights(self) -> None:
+        """Before new prompts meet the prefix cache: weights changed since the last check (an optimizer step,
+        a load, a rollout-mode switch: new storage or an in-place write) mean new weights, whoever forgot to
+        say so."""
+        key = _weights_key(self.model)
+        if key is None:
+            raise RuntimeError("Sampler: the model's parameters are sharded (FSDP2 DTensors): sample it in "
+                               "rollout mode (engine.training.parallelize.RolloutMode)")
+        if key != self._weights_seen:
+            if self._requests:
+                raise RuntimeError(f"Sampler: the model's weights changed while {len(self._requests)} "
+                                   f"request(s) were running; finish or abort them before updating weights")
+            if self._weights_seen is not None:
+                self._on_new_weights()
+            self._weights_seen = key
+
+    def _on_new_weights(self) -> None:
+        if self.kv_cache is not None:
+            self.block_manager.bump_version()   # cached prefixes were computed with the old weights
+            self._new_runner()                  # CUDA graphs hold the old parameter addresses
+        self._weight_version += 1
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests) + len(self._done)
 
     def _check_idle(self, what: str):
         if self._requests:
@@ -136,12 +205,11 @@ class Sampler:
         return dropped
 
     def new_weight_version(self) -> int:
-        """The model's weights changed: cached prefixes (computed with the old ones) are never served again.
-        A released pool stays released (a new one starts with an empty cache)."""
+        """The model's weights changed: cached prefixes and CUDA graphs (made with the old ones) are never
+        used again. The sampler also notices by itself at the next request (_check_weights)."""
         self._check_idle("new_weight_version")
-        if self.kv_cache is not None:
-            self.block_manager.bump_version()
-        self._weight_version += 1
+        self._on_new_weights()
+        self._weights_seen = _weights_key(self.model)
         return self._weight_version
 
     # -- requests -----------------------------------------------------------------------------------------
@@ -150,6 +218,8 @@ class Sampler:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt = self._check_prompt(prompt_ids)
+        self._check_weights()
+        self._ensure_pool()
         if params.n > self.max_num_seqs:
             raise ValueError(f"SamplingParams.n={params.n} exceeds the sampler's max_num_seqs={self.max_num_seqs}")
         if params.stop and self.tokenizer is None:
@@ -165,7 +235,6 @@ class Sampler:
             self._done.append(RequestOutput(request_id, prompt, [
                 Completion([], [] if params.logprobs else None, "context limit") for _ in range(params.n)]))
             return request_id
-        self._ensure_pool()
         self._requests[request_id] = _Request(prompt, params, [None] * params.n)
         base_seed = params.seed if params.seed is not None else self._seeds.randrange(2 ** 62)
         parent = self._new_sequence(request_id, 0, list(prompt), len(prompt), params, base_seed)
@@ -204,6 +273,9 @@ class Sampler:
         finished, self._done = self._done, []
         if not self._requests:
             return finished
+        if self.model.weight_version != self._weights_seen[0]:
+            raise RuntimeError(f"Sampler.step: the model's weights changed (version {self.model.weight_version}) "
+                               f"while {len(self._requests)} request(s) were running")
         t0 = time.perf_counter()
         schedule = self.scheduler.schedule()
         if not schedule.chunks:  # cannot happen by design (some owner always runs): fail, never hang
@@ -238,7 +310,10 @@ class Sampler:
         s.steps += 1
         s.host_seconds += (t1 - t0) + (t3 - t2) + (t5 - t4)
         s.device_seconds += (t2 - t1) + (t4 - t3)
-        s.cached_tokens, s.preemptions = self.scheduler.cached_tokens, self.scheduler.preemptions
+        # The scheduler's counters start at 0 with each pool: accumulate what they added since the last step.
+        s.cached_tokens += self.scheduler.cached_tokens - self._counted[0]
+        s.preemptions += self.scheduler.preemptions - self._counted[1]
+        self._counted = (self.scheduler.cached_tokens, self.scheduler.preemptions)
         s.blocks_in_use = self.block_manager.num_blocks_in_use
         s.peak_blocks_in_use = max(s.peak_blocks_in_use, s.blocks_in_use)
         return finished
@@ -257,21 +332,28 @@ class Sampler:
         return children
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
+        """Draw each row's token from softmax(z), z the temperature-scaled fp32 logits exactly as
+        kernels.token_logprobs computes them, which then reports log p(token) of that same distribution."""
         weight = self.model.lm_head_weight
         params = [s.params for s in seqs]
+        tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+        logprobs: list[float | None] = [None] * len(seqs)
+        by_temperature: dict[float, list[int]] = {}
+        for i, p in enumerate(params):
+            by_temperature.setdefault(p.temperature or 1.0, []).append(i)
         with torch.inference_mode():
-            logits = (hidden @ weight.t()).float()  # as the log-prob reference: head in the model dtype
-            tokens = sample_tokens(logits, params, [s.generator for s in seqs])
-            logprobs: list[float | None] = [None] * len(seqs)
-            by_temperature: dict[float, list[int]] = {}
-            for i, p in enumerate(params):
-                if p.logprobs:
-                    by_temperature.setdefault(p.temperature or 1.0, []).append(i)
             for temperature, idx in by_temperature.items():
                 index = torch.tensor(idx, device=self.device)
-                values = kernels.token_logprobs(hidden[index], weight, tokens[index], temperature).tolist()
-                for i, v in zip(idx, values):
-                    logprobs[i] = v
+                rows = hidden[index]
+                z = kernels.head_logits(rows, weight, temperature)
+                picked = sample_tokens(z, [params[i] for i in idx], [seqs[i].generator for i in idx])
+                tokens[index] = picked
+                wanted = [k for k, i in enumerate(idx) if params[i].logprobs]
+                if wanted:
+                    k = torch.tensor(wanted, device=self.device)
+                    values = kernels.token_logprobs(rows[k], weight, picked[k], temperature).tolist()
+                    for j, v in zip(wanted, values):
+                        logprobs[idx[j]] = v
         return tokens.tolist(), logprobs
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):

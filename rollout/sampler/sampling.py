@@ -55,23 +55,24 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+def sample_tokens(z: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator]) -> torch.Tensor:
-    """One next token per row of logits [B, V] (fp32). Greedy rows take the argmax; the others sample from
-    softmax(logits / temperature) truncated to the top_k tokens and then to the top_p nucleus, by inverse
-    CDF with one uniform number from the row's generator (so a request's samples depend only on its seed and
-    its params, not on the batch)."""
+    """One next token per row of z [B, V] (fp32 logits already divided by the row's temperature: the numbers
+    whose log-softmax the sampler reports). Greedy rows take the argmax; the others sample from softmax(z)
+    truncated to the top_k tokens and then to the top_p nucleus, by inverse CDF with one uniform number from
+    the row's generator (so a request's samples depend only on its seed and its params, not on the batch)."""
+    logits = z
     tokens = logits.argmax(-1)
     plain = [i for i, p in enumerate(params) if not p.greedy and not p.top_k and p.top_p == 1]
     truncated = [i for i, p in enumerate(params) if not p.greedy and (p.top_k or p.top_p < 1)]
     if plain:
         index = torch.tensor(plain, device=logits.device)
-        probs = _scaled(logits, index, params, plain).softmax(-1)
+        probs = logits[index].softmax(-1)
         tokens[index] = _draw(probs, [generators[i] for i in plain])
     if truncated:
         # Truncation works on the tokens sorted by probability; the draw then indexes that order.
         index = torch.tensor(truncated, device=logits.device)
-        scaled, order = _scaled(logits, index, params, truncated).sort(-1, descending=True)
+        scaled, order = logits[index].sort(-1, descending=True)
         vocab = logits.shape[-1]
         top_k = torch.tensor([params[i].top_k or vocab for i in truncated], device=logits.device)
         ranks = torch.arange(vocab, device=logits.device)
@@ -83,11 +84,6 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
         picked = _draw(probs, [generators[i] for i in truncated])
         tokens[index] = order.gather(-1, picked[:, None]).squeeze(-1)
     return tokens
-
-
-def _scaled(logits, index, params, rows):
-    temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device, dtype=torch.float32)
-    return logits[index] / temperature[:, None]
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

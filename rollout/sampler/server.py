@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
+import torch
+
 from rollout.sampler.sampling import SamplingParams
 from rollout.sampler.sequence import Completion
 
@@ -36,6 +38,9 @@ class SamplerServer:
         return self.submit(prompt, params).result()
 
     def _serve(self) -> None:
+        device = self.sampler.device
+        if device.type == "cuda":   # a new thread starts on GPU 0: rank r must sample on its own GPU
+            torch.cuda.set_device(device)
         waiting: dict[int, Future] = {}
         while True:
             with self._wake:

@@ -1,0 +1,109 @@
+"""Bitwise checks of the exact mode that only a GPU can answer (issue #14), in one short run:
+
+1. linear: does every M tile give the same bits as the 128-row tile for the same rows, on this device? Tiles
+   that compile to another tensor-core instruction (16/32 rows on sm_90: mma.sync instead of wgmma) are kept
+   out of kernels.ops.linear.block_m_choices until this says they match.
+2. paged attention, exact mode: decode rows and a prefill chunk equal the training attention's rows bit for bit
+   (bf16, GQA 7:1, head_dim 128).
+3. paged attention, fast mode: a decode row's bits do not depend on the batch (split-KV pieces by length).
+
+    python benchmarks/gpu_exact_check.py            # on a CUDA device; writes benchmarks/results/gpu_exact_check.json
+    TRITON_INTERPRET=1 python benchmarks/gpu_exact_check.py --small    # smoke run on the CPU (tiny shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not benchmarks/ (its kernels.py)
+import torch  # noqa: E402
+
+from kernels.ops import linear  # noqa: E402
+from kernels.ops.attention import varlen_attention_triton  # noqa: E402
+from kernels.ops.paged_attention import paged_attention_triton  # noqa: E402
+
+
+def linear_tiles(device, dtype, m, n, k):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype)
+    outs = {bm: linear._matmul(x, x.stride(), w, (w.stride(1), w.stride(0)), m, n, k, b, dtype, block_m=bm)
+            for bm in linear.BLOCK_MS}
+    # Every tile against the 128-row one, and rows 0 and m-1 alone (a 1-row launch, top of its tile).
+    same = {bm: bool(torch.equal(y, outs[128])) for bm, y in outs.items()}
+    alone = {bm: all(torch.equal(linear._matmul(x[r:r + 1], x.stride(), w, (w.stride(1), w.stride(0)), 1, n, k, b,
+                                                dtype, block_m=bm), outs[128][r:r + 1]) for r in (0, m - 1))
+             for bm in linear.BLOCK_MS}
+    return dict(shape=[m, n, k], same_as_128=same, row_alone_same_as_128=alone)
+
+
+def paged_case(device, dtype, lengths, hq, hkv, d, page=16, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    blocks = [-(-n // page) for n in lengths]
+    order = torch.randperm(sum(blocks) + 1, generator=g).tolist()
+    tables, slots, at = [], [], 0
+    for n, nb in zip(lengths, blocks):
+        t = order[at:at + nb]
+        at += nb
+        tables.append(t + [0] * (max(blocks) - nb))
+        slots += [t[p // page] * page + p % page for p in range(n)]
+    q = torch.randn(sum(lengths), hq, d, generator=g).to(device, dtype)
+    k = torch.randn(sum(lengths), hkv, d, generator=g).to(device, dtype)
+    v = torch.randn(sum(lengths), hkv, d, generator=g).to(device, dtype)
+    k_cache = torch.zeros(len(order), page, hkv, d, device=device, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache.view(-1, hkv, d)[torch.tensor(slots, device=device)] = k
+    v_cache.view(-1, hkv, d)[torch.tensor(slots, device=device)] = v
+    return q, k, v, k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=device)
+
+
+def attend(q_rows, k_cache, v_cache, tables, contexts, match_training):
+    device = q_rows.device
+    cu = torch.arange(len(contexts) + 1, dtype=torch.int32, device=device)
+    return paged_attention_triton(q_rows, k_cache, v_cache, tables, cu,
+                                  torch.tensor(contexts, dtype=torch.int32, device=device), 1,
+                                  match_training=match_training)
+
+
+def paged_checks(device, dtype, lengths):
+    q, k, v, k_cache, v_cache, tables = paged_case(device, dtype, lengths, 14, 2, 128)
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    train = varlen_attention_triton(q, k, v, torch.tensor(bounds, dtype=torch.int32, device=device))
+    last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
+    exact = attend(q[last], k_cache, v_cache, tables, lengths, True)
+    decode_equal = [bool(torch.equal(exact[i], train[last[i]])) for i in range(len(lengths))]
+    fast = attend(q[last], k_cache, v_cache, tables, lengths, False)
+    alone = [bool(torch.equal(attend(q[last[i:i + 1]], k_cache, v_cache, tables[i:i + 1], lengths[i:i + 1], False)[0],
+                              fast[i])) for i in range(len(lengths))]
+    err = (fast.float() - exact.float()).abs().max().item()
+    return dict(lengths=lengths, exact_decode_equals_training=decode_equal, fast_row_alone_equals_batch=alone,
+                fast_vs_exact_max_abs_diff=err)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU interpreter smoke run)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.small:
+        dtype, lin, lengths = torch.float32, (40, 160, 80), [1, 17, 100]
+    else:
+        dtype, lin, lengths = torch.bfloat16, (300, 512, 3584), [1, 17, 1030, 4000, 12288]
+    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+                  capability=list(torch.cuda.get_device_capability()) if device == "cuda" else None,
+                  dtype=str(dtype), allowed_block_m=None, linear=linear_tiles(device, dtype, *lin),
+                  paged=paged_checks(device, dtype, lengths))
+    if device == "cuda":
+        report["allowed_block_m"] = list(linear._device_tiles(torch.device("cuda", torch.cuda.current_device()),
+                                                              dtype)[0])
+    print(json.dumps(report, indent=1))
+    if not args.small:
+        out = Path(__file__).resolve().parent / "results" / "gpu_exact_check.json"
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

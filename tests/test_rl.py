@@ -1,0 +1,172 @@
+"""Phase 2 end to end on the CPU: `engine/train.py --config configs/grpo-tiny.toml` (bundled tasks, bubblewrap
+sandbox, oracle expert, in-process sampler in rollout mode) on one rank and under torchrun on two, kill -9
+mid-rollout then --resume, and the configuration errors. The tiny random policy gets a different random
+reference model and a KL term, so that its updates are not zero (its task rewards are all equal)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.tokenizer import Tokenizer
+from engine.training.tiny import make_tiny_base
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "grpo-tiny.toml"
+TRAIN = [sys.executable, str(REPO / "engine" / "train.py"), "--config", str(CONFIG)]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(REPO / "engine" / "train.py"), "--config", str(CONFIG)]
+METRICS = ("reward_mean", "reward_std", "mean_R_loop", "mean_R_follow", "mean_R_correct", "mean_R_sim",
+           "mean_R_expert", "mean_g_loop", "resolve_rate", "loop_rate", "longest_streak", "expert_calls_per_traj",
+           "expert_token_share", "back_to_back_per_traj", "quota_refusals", "expert_cost_usd", "steps_mean",
+           "terminations", "generated_tokens", "rollout_tokens_per_s", "rollout_seconds", "training_seconds",
+           "switch_seconds", "switch_copied_bytes", "kv_peak_blocks", "preemptions", "prefix_cache_hit_rate",
+           "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean", "entropy", "grad_norm", "lr",
+           "sampler_trainer_logprob_max", "sampler_trainer_logprob_mean", "zero_variance_groups", "stage")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("grpo_base")
+    make_tiny_base(base, seed=0)
+    reference = tmp_path_factory.mktemp("grpo_ref")
+    make_tiny_base(reference, seed=1, tokenizer=Tokenizer.from_dir(base))
+    return base, reference
+
+
+def overrides(models, out: Path, *extra: str) -> list[str]:
+    base, reference = models
+    return [f"output_dir={json.dumps(str(out))}", f"model.path={json.dumps(str(base))}",
+            f"rl.reference={json.dumps(str(reference))}", "rl.kl_coef=0.05", *extra]
+
+
+def run(cmd, **env):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def rollouts(out: Path, step: int) -> dict:
+    lines = (out / "rollouts" / f"step_{step}.jsonl").read_text().splitlines()
+    return {(r["slot"], r["sample"]): r for r in map(json.loads, lines)}
+
+
+def final_weights(out: Path) -> dict:
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(ckpt / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_rank(models, tmp_path_factory, sandbox_ready):
+    out = tmp_path_factory.mktemp("grpo_one")
+    done = run(TRAIN + overrides(models, out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_three_steps_write_every_metric_rollout_and_checkpoint(one_rank):
+    records = metrics(one_rank)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["stage"] for r in records] == ["I", "I", "II"]          # rl.stages = ["1-2", "3-160"]
+    for r in records:
+        missing = [k for k in METRICS if k not in r]
+        assert not missing, missing
+        assert r["trajectories"] == 6 and r["switch_copied_bytes"] == 0
+        assert r["loss"] != 0.0 and r["kl_mean"] >= 0.0
+    # Exact mode on the PyTorch path: the trainer's log-probs of the sampled tokens equal the sampler's to
+    # 1e-5, so the first update's ratio is 1 (bitwise on the Triton path: tests/test_sampler.py).
+    assert all(r["sampler_trainer_logprob_max"] <= 1e-5 and r["first_ratio_max_deviation"] <= 1e-5
+               for r in records)
+    for step in (1, 2, 3):
+        stored = rollouts(one_rank, step)
+        assert sorted(stored) == [(s, i) for s in (2 * step - 2, 2 * step - 1) for i in range(3)]
+        assert {r["reward"]["stage"] for r in stored.values()} == {records[step - 1]["stage"]}
+        assert all(r["weight_version"] >= 0 and r["sampling"]["temperature"] == 1.0 for r in stored.values())
+    assert (one_rank / "grpo.png").stat().st_size > 0
+    assert (one_rank / "checkpoints" / "step_00000003" / "model" / "model.safetensors").is_file()
+
+
+def test_two_ranks_give_the_rollouts_and_losses_of_one(models, one_rank, tmp_path):
+    out = tmp_path / "two"
+    done = run(TORCHRUN + overrides(models, out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in (1, 2, 3):
+        one, two = rollouts(one_rank, step), rollouts(out, step)
+        assert sorted(one) == sorted(two)
+        for key in one:   # seeds from (run seed, step, task slot, sample): the same rollouts on any rank count
+            a, b = one[key]["trajectory"]["messages"], two[key]["trajectory"]["messages"]
+            assert [m["token_ids"] for m in a] == [m["token_ids"] for m in b]
+            assert one[key]["reward"] == two[key]["reward"]
+            # Log-probs of a row computed in another batch (the PyTorch path on the host BLAS): equal to 1e-5.
+            pairs = [(x, y) for m, n in zip(a, b) if m["logprobs"] for x, y in zip(m["logprobs"], n["logprobs"])]
+            assert pairs and max(abs(x - y) for x, y in pairs) <= 1e-5
+    for a, b in zip(metrics(one_rank), metrics(out), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["kl_mean"] - b["kl_mean"]) <= 1e-5
+
+
+def test_kill_mid_rollout_then_resume_reuses_finished_trajectories(models, one_rank, tmp_path):
+    out = tmp_path / "killed"
+    died = run(TRAIN + overrides(models, out), PROTEGE_FAULT="die-in-rollout-2")
+    assert died.returncode == 137, died.stdout[-2000:] + died.stderr[-2000:]
+    assert len(rollouts(out, 2)) >= 1 and [r["step"] for r in metrics(out)] == [1]
+    done = run(TRAIN + overrides(models, out) + ["--resume"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3] and records[1]["reused_trajectories"] >= 1
+    for a, b in zip(metrics(one_rank), records, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+    want, got = final_weights(one_rank), final_weights(out)
+    assert all(torch.allclose(want[k], got[k], rtol=0, atol=1e-6) for k in want)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["rl.group_size=1"], "rl.group_size must be >= 2"),
+    (['rl.stages=["1-80", "70-160"]'], "rl.stages"),
+    (["rl.tasks=EMPTY"], "holds no usable task"),
+    (["rl.reference=OTHER"], "rl.reference"),
+])
+def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    other = tmp_path / "other"
+    from engine.config import ModelConfig
+    from engine.model import Qwen2ForCausalLM
+    config = ModelConfig.from_json(models[0])
+    Qwen2ForCausalLM(ModelConfig(**{**vars(config), "hidden_size": 64, "head_dim": 16})).save_pretrained(other)
+    extra = [e.replace("EMPTY", json.dumps(str(empty))).replace("OTHER", json.dumps(str(other))) for e in extra]
+    from engine.train import main
+    code = main(["--config", str(CONFIG), *overrides(models, tmp_path / "run"), *extra])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and problem in err and "Traceback" not in err, err
+
+
+def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
+    """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
+    sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit."""
+    from engine.config import ModelConfig
+    from engine.model import Qwen2ForCausalLM
+    from engine.training.grpo import policy_loss
+    from engine.training.rl import Sample, TokenLogprobs, _micro_batches
+    from rollout import Sampler, SamplingParams
+    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    model.exact = True
+    prompts = [[3, 9, 27, 81 % 96, 5, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    outs = Sampler(model, num_blocks=16, block_size=4, max_num_batched_tokens=8).generate(
+        prompts, [SamplingParams(temperature=1.0, max_tokens=5, seed=i, ignore_eos=True) for i in range(2)])
+    samples = [Sample(p + o.token_ids, list(range(len(p) - 1, len(p) + len(o.token_ids) - 1)), o.token_ids,
+                      o.logprobs, 1.0) for p, o in zip(prompts, outs)]
+    [batch] = _micro_batches(samples, 64, torch.device("cpu"))
+    logp, _ = TokenLogprobs(model)(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets)
+    assert torch.equal(logp.detach(), batch.sampler_logprobs)
+    _, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp))
+    assert stats["ratio_mean"] == 1.0 and stats["max_abs_logprob_diff"] == 0.0
