@@ -13,8 +13,9 @@ SKIP, and a crash inside a check is an ERROR row, after which the suite goes on)
                     Qwen2.5-0.5B, 2-layer Qwen2.5-7B shape)
   sampler_checks    greedy == transformers generate (fp32); exact-mode sampler log-probs bit-identical to the
                     training forward (bf16); CUDA-graph decode == eager decode
-  rollout_fsdp      rollout mode on a one-rank FSDP2 model (NCCL) == unsharded (SKIP where RolloutMode is absent)
-  grpo              a GRPO step on a tiny config (SKIP where engine.training.grpo is absent)
+  rollout_fsdp      rollout mode on a one-rank FSDP2 model (NCCL) == unsharded, with its switch cost
+  grpo              a GRPO update through engine/training/rl.py's path on a tiny model (FSDP2, rollout mode,
+                    exact mode: the first ratio is 1)
   ops_speed         each op vs eager / torch.compile / Liger / flash-attn / xformers at 7B shapes; varlen
                     attention at 8K tokens (benchmarks/kernels.py)
   logprobs_memory   token_logprobs time and peak memory, fused vs unfused, forward + backward
@@ -738,9 +739,10 @@ def section_rollout_fsdp(suite: Suite, sec: Section):
         params = SamplingParams(temperature=0, max_tokens=suite.pick(24, dry=5), ignore_eos=True)
         pool = dict(num_blocks=suite.pick(128, dry=16), block_size=16)
         sampler = Sampler(model, **pool)
-        with RolloutMode(root, model, sampler):
+        rollout = RolloutMode(root, model, sampler)
+        with rollout:
             sharded = sampler.generate(prompts, params)
-        switch = RolloutMode.last_switch if hasattr(RolloutMode, "last_switch") else None
+        switch = rollout.last_switch
         plain = Qwen2ForCausalLM.from_pretrained(path, dtype=compute, device=suite.device).eval()
         unsharded = Sampler(plain, **pool).generate(prompts, params)
         same_tokens = all(a.token_ids == b.token_ids for a, b in zip(sharded, unsharded))
@@ -748,24 +750,73 @@ def section_rollout_fsdp(suite: Suite, sec: Section):
                    for a, b in zip(sharded, unsharded))
         out = dict(status="PASS" if same_tokens else "FAIL", detail=f"tokens {'equal' if same_tokens else 'DIFFER'}, "
                    f"max |log-prob diff| {diff:.3g}", backend=torch.distributed.get_backend())
-        if switch is not None:
-            out.update(enter_s=switch.enter_seconds, leave_s=switch.leave_seconds,
-                       gathered_bytes=switch.gathered_bytes, copied_bytes=switch.copied_bytes)
+        out.update(enter_s=switch.enter_seconds, leave_s=switch.leave_seconds, gathered_bytes=switch.gathered_bytes,
+                   copied_bytes=switch.copied_bytes)
+        if switch.copied_bytes:
+            out.update(status="FAIL", detail=out["detail"] + f"; {switch.copied_bytes} bytes copied (the goal is 0)")
         return out
     sec.check("rollout mode on FSDP2 (one rank) == unsharded", run)
 
 
 def section_grpo(suite: Suite, sec: Section):
+    """One GRPO update through engine/training/rl.py's own path, without environments (the GPU machine has no
+    sandbox): a tiny model sharded with FSDP2 (one rank), groups sampled in rollout mode, random rewards ->
+    group advantages -> packed micro-batches -> the TokenLogprobs root -> policy_loss -> backward, AdamW."""
     try:
-        from engine.training import grpo
-    except ImportError:
-        sec.skip("GRPO step on a tiny config", "not available on this commit (engine.training.grpo is not importable)")
+        from engine.training.grpo import group_advantages, policy_loss
+        from engine.training.parallelize import RolloutMode, build_training_model
+        from engine.training.rl import Sample, TokenLogprobs, _micro_batches
+    except ImportError as e:
+        sec.skip("GRPO step on a tiny config", f"not available on this commit ({e})")
         return
-    run_tiny = getattr(grpo, "run_tiny", None)
-    if run_tiny is None:
-        sec.skip("GRPO step on a tiny config", "engine.training.grpo has no run_tiny(device) entry point")
-        return
-    sec.check("GRPO step on a tiny config", lambda: dict(status="PASS", **(run_tiny(suite.device) or {})))
+    from rollout import Sampler, SamplingParams
+    group, shape = 4, TINY_TIED if suite.dry else dict(QWEN_0_5B, num_hidden_layers=2)
+
+    def run():
+        hf, _ = random_pair(suite, shape, None, torch.float32)
+        path = Path(suite.tmp.name) / "grpo_ckpt"
+        hf.save_pretrained(path)
+        del hf
+        compute = suite.pick(torch.bfloat16, dry=torch.float32)
+        model, root = build_training_model(str(path), torch.float32, compute, suite.process_group(), False,
+                                           TokenLogprobs)
+        model.exact = True
+        sampler = Sampler(model, num_blocks=suite.pick(128, dry=32), block_size=16)
+        rollout = RolloutMode(root, model, sampler)
+        prompts = prompts_of(suite.pick([40, 90], dry=[6, 11]), shape["vocab_size"], seed=11)
+        params = [SamplingParams(temperature=1.0, max_tokens=suite.pick(32, dry=5), seed=i, n=group, ignore_eos=True)
+                  for i in range(len(prompts))]
+        with rollout:
+            outs = sampler.generate(prompts, params)
+        rewards = torch.rand(len(prompts) * group, generator=torch.Generator().manual_seed(0))
+        advantages = group_advantages(rewards, group).tolist()
+        samples = []
+        for p, completions in zip(prompts, outs):
+            for c in completions:
+                rows = list(range(len(p) - 1, len(p) + len(c.token_ids) - 1))
+                samples.append(Sample(p + c.token_ids, rows, c.token_ids, c.logprobs, advantages[len(samples)]))
+        optimizer = torch.optim.AdamW(root.parameters(), lr=1e-5, fused=suite.device.type == "cuda")
+        total = sum(len(s.rows) for s in samples)
+        diffs, losses = [], []
+        for batch in _micro_batches(samples, 4096, suite.device):
+            logp, _ = root(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets)
+            loss, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp),
+                                      num_tokens=total)
+            loss.backward()
+            diffs.append(stats["max_abs_logprob_diff"])
+            losses.append(loss.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(root.parameters(), 1e9).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # Exact mode: the first ratio is exactly 1 on the Triton path (GPU); the CPU's PyTorch path to 1e-5.
+        diff = max(diffs)
+        tolerance = 0.0 if suite.device.type == "cuda" else 1e-5
+        ok = all(torch.isfinite(torch.tensor(losses))) and diff <= tolerance and grad_norm == grad_norm
+        return dict(status="PASS" if ok else "FAIL", trajectories=len(samples), policy_tokens=total,
+                    loss=sum(losses), grad_norm=grad_norm, first_ratio_max_abs_logprob_diff=diff,
+                    allowed=tolerance, switch_s=rollout.last_switch.seconds,
+                    switch_copied_bytes=rollout.last_switch.copied_bytes)
+    sec.check("GRPO step on a tiny config (rollout mode, exact mode)", run)
 
 
 # -- speed ---------------------------------------------------------------------------------------------------------
@@ -1142,10 +1193,11 @@ def rollout_switch(suite: Suite, sec: Section, model, root):
 
     def run():
         sampler = Sampler(model, num_blocks=64, block_size=16)
-        with RolloutMode(root, model, sampler):
+        rollout = RolloutMode(root, model, sampler)
+        with rollout:
             sampler.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-        s = RolloutMode.last_switch
-        return dict(status="PASS", enter_s=s.enter_seconds, leave_s=s.leave_seconds, seconds=s.seconds,
+        s = rollout.last_switch
+        return dict(status="PASS", enter_s=s.enter_seconds, leave_s=s.leave_seconds, switch_s=s.seconds,
                     gathered_gib=s.gathered_bytes / 2 ** 30, copied_bytes=s.copied_bytes)
     sec.check("rollout-mode switch", run)
 

@@ -52,7 +52,9 @@ def test_every_check_ran_in_the_dry_run(dry_run):
             for s in report["sections"].values() for r in s["rows"]}
     for check in ("greedy sampler == transformers generate (fp32)", "CUDA-graph decode == eager decode (exact mode)",
                   "token_logprobs fused (Triton)", "single-stream decode", "extrapolated to 2 layers",
-                  "linear triton forward+backward", "varlen_attention 8K triton forward"):
+                  "linear triton forward+backward", "varlen_attention 8K triton forward",
+                  "rollout mode on FSDP2 (one rank) == unsharded", "GRPO step on a tiny config (rollout mode, exact mode)",
+                  "rollout-mode switch"):
         assert rows[check]["status"] in ("PASS", "ok"), rows[check]
 
 
