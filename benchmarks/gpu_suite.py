@@ -914,7 +914,8 @@ def section_logprobs_memory(suite: Suite, sec: Section):
 
     def measure(label, fn):
         def run():
-            fwd_bwd(fn)  # warm-up (compiles)
+            if not suite.dry:
+                fwd_bwd(fn)  # warm-up (compiles)
             suite.sync()
             if suite.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -1248,7 +1249,7 @@ def main() -> int:
     args = p.parse_args()
     if args.dry_run:
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        kernel_bench.CPU_REPEATS = 1
+        kernel_bench.CPU_REPEATS, kernel_bench.CPU_WARMUP = 1, False
     if not args.out:
         name = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name().replace(" ", "-") if \
             torch.cuda.is_available() else "none"

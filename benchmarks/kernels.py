@@ -190,7 +190,8 @@ def fwd_bwd(fn, args, grads):
     torch.autograd.backward(outs, grads[: len(outs)])
 
 
-CPU_REPEATS = 3  # host-timed runs per median without a GPU (benchmarks/gpu_suite.py --dry-run: 1)
+CPU_REPEATS = 3  # host-timed runs per median without a GPU (benchmarks/gpu_suite.py --dry-run: 1, no warm-up)
+CPU_WARMUP = True
 
 
 def time_ms(fn, device) -> float:
@@ -199,7 +200,8 @@ def time_ms(fn, device) -> float:
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
         return do_bench(fn, return_mode="median")
-    fn()
+    if CPU_WARMUP:
+        fn()
     times = []
     for _ in range(CPU_REPEATS):
         start = time.perf_counter()
