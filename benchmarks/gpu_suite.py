@@ -55,6 +55,9 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # before any @triton.jit is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":  # bit-identity checks test the kernels, not the host's BLAS
+    from kernels.interpreter_dot import use_row_invariant_dot
+    use_row_invariant_dot()
 
 from benchmarks import generation  # noqa: E402
 from benchmarks import kernels as kernel_bench  # noqa: E402

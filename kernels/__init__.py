@@ -68,12 +68,12 @@ def swiglu(gate, up):
     return reference.swiglu(gate, up)
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
+def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, check_ids=True):
     if use_triton(hidden):
         from kernels.ops.token_logprobs import token_logprobs_triton
         with on_device(hidden):
-            return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy)
-    return reference.token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy)
+            return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy, check_ids)
+    return reference.token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy, check_ids)
 
 
 def head_logits(hidden, weight, temperature=1.0):

@@ -32,7 +32,9 @@ def check_like(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_token_logprobs_inputs(hidden, weight, targets, temperature) -> None:
+def check_token_logprobs_inputs(hidden, weight, targets, temperature, check_ids: bool = True) -> None:
+    """check_ids: also the target ids' range (one device sync; callers whose ids are in range by construction,
+    like the sampler's own draws, skip it)."""
     def fail(msg):
         raise ValueError(f"token_logprobs: {msg}")
 
@@ -54,7 +56,7 @@ def check_token_logprobs_inputs(hidden, weight, targets, temperature) -> None:
         fail(f"device mismatch: hidden {hidden.device}, weight {weight.device}, targets {targets.device}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         fail(f"temperature must be a finite number > 0, got {temperature!r}")
-    if targets.numel():
+    if check_ids and targets.numel():
         lo, hi = torch.stack([targets.min(), targets.max()]).tolist()  # one device sync
         if lo < 0 or hi >= weight.shape[0]:
             bad = lo if lo < 0 else hi

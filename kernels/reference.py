@@ -166,10 +166,10 @@ def head_logits_chunked(hidden, weight, temperature=1.0):
     return z
 
 
-def token_logprobs_chunked(hidden, weight, targets, temperature=1.0, return_entropy=False):
+def token_logprobs_chunked(hidden, weight, targets, temperature=1.0, return_entropy=False, check_ids=True):
     """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) in PyTorch, ROW_BLOCK rows at a time;
     peak extra memory O(CHUNK_ROWS x V) (in the backward)."""
-    check_token_logprobs_inputs(hidden, weight, targets, temperature)
+    check_token_logprobs_inputs(hidden, weight, targets, temperature, check_ids)
     logp, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
     return (logp, entropy) if return_entropy else logp
 

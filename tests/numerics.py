@@ -1,5 +1,5 @@
-"""The precision rule every kernel test applies (fp64 PyTorch is the oracle); benchmarks/gpu_suite.py applies it
-on a GPU too."""
+"""The precision rule every kernel test applies (fp64 PyTorch is the oracle; benchmarks/gpu_suite.py applies it on
+a GPU too), and the bitwise batch-invariance check of the exact-mode kernels."""
 import torch
 
 
@@ -28,3 +28,13 @@ def assert_close_to_fp64(name, out, out_torch, ref):
         return
     err_torch = (out_torch.double() - ref).abs().max().item()
     assert err <= bound, f"{name}: error {err:.3g} vs fp64, PyTorch {out.dtype} {err_torch:.3g}"
+
+
+def batches_that_change_bits(fn, n_rows, sizes=(1, 5, 37), alone=(3, 36)):
+    """The batches in which some row's result differs, bit for bit, from the same row's in the batch of all
+    n_rows rows: the first m rows for m in sizes, and single rows (at the top of a tile instead of at position r,
+    and the last row). fn(rows: slice) returns tensors with one row per input row. [] means batch-invariant."""
+    full = fn(slice(0, n_rows))
+    batches = [slice(0, m) for m in sizes] + [slice(r, r + 1) for r in (*alone, n_rows - 1)]
+    return [(b.start, b.stop) for b in batches
+            if not all(torch.equal(got, want[b]) for got, want in zip(fn(b), full))]

@@ -135,6 +135,9 @@ _NON_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.
                  "log.peak_tflops", "rl.expert_quota", "rl.temperature", "rl.eps_low", "rl.eps_high",
                  "rl.kl_coef", "rl.tis_cap")
 
+# Hugging Face TrainingArguments names, so that a key written for HF gets our name as its suggestion.
+_ALIASES = {"learning_rate": "lr", "max_steps": "steps", "max_grad_norm": "grad_clip"}
+
 
 def _fill(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
@@ -144,8 +147,10 @@ def _fill(cls, values: dict, prefix: str):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {sorted(names)}"
+            aliases = {a: n for a, n in _ALIASES.items() if n in names}
+            close = difflib.get_close_matches(key, [*names, *aliases], n=1)
+            hint = (f"; did you mean '{prefix}{aliases.get(close[0], close[0])}'?" if close
+                    else f"; known: {sorted(names)}")
             raise ConfigError(f"config: unknown key '{prefix}{key}'{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):

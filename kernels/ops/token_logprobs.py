@@ -249,9 +249,9 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def token_logprobs_triton(hidden, weight, targets, temperature=1.0, return_entropy=False):
+def token_logprobs_triton(hidden, weight, targets, temperature=1.0, return_entropy=False, check_ids=True):
     """log p(targets) [T] fp32 (and the entropy [T] if return_entropy) via the fused Triton kernels."""
-    check_token_logprobs_inputs(hidden, weight, targets, temperature)
+    check_token_logprobs_inputs(hidden, weight, targets, temperature, check_ids)
     check_float_tensor("token_logprobs", "hidden", hidden)  # a CUDA tensor, or the interpreter
     logp, entropy = _TritonTokenLogprobs.apply(hidden, weight, targets, float(temperature), return_entropy)
     return (logp, entropy) if return_entropy else logp

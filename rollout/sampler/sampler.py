@@ -337,10 +337,10 @@ class Sampler:
         weight = self.model.lm_head_weight
         params = [s.params for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
-        logprobs: list[float | None] = [None] * len(seqs)
         by_temperature: dict[float, list[int]] = {}
         for i, p in enumerate(params):
             by_temperature.setdefault(p.temperature or 1.0, []).append(i)
+        logprob_rows = torch.full((len(seqs),), float("nan"), dtype=torch.float64, device=self.device)
         with torch.inference_mode():
             for temperature, idx in by_temperature.items():
                 index = torch.tensor(idx, device=self.device)
@@ -351,10 +351,14 @@ class Sampler:
                 wanted = [k for k, i in enumerate(idx) if params[i].logprobs]
                 if wanted:
                     k = torch.tensor(wanted, device=self.device)
-                    values = kernels.token_logprobs(rows[k], weight, picked[k], temperature).tolist()
-                    for j, v in zip(wanted, values):
-                        logprobs[idx[j]] = v
-        return tokens.tolist(), logprobs
+                    # The ids are the sampler's own draws: in range, no range check (it would sync the device).
+                    logprob_rows[index[k]] = kernels.token_logprobs(rows[k], weight, picked[k], temperature,
+                                                                    check_ids=False).double()
+            # One device-to-host transfer for the step: tokens and log-probs together (fp64 holds both exactly).
+            both = torch.stack([tokens.double(), logprob_rows]).tolist()
+        tokens_out = [int(t) for t in both[0]]
+        logprobs = [None if not p.logprobs else v for p, v in zip(params, both[1])]
+        return tokens_out, logprobs
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):
         seq.token_ids.append(token)
