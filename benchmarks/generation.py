@@ -66,12 +66,14 @@ def throughput_workload(scale: dict, vocab: int):
 def agent_workload(scale: dict, vocab: int):
     """Per trajectory: the task prompt (shared by its group of 6), then per turn (observation, output length)."""
     g = torch.Generator().manual_seed(1)
+    obs, out = scale.get("observation", (30, 70)), scale.get("output", (20, 40))  # token ranges per turn
     trajectories = []
     for _ in range(scale["groups"]):
         task = torch.randint(0, vocab, (scale["task_len"],), generator=g).tolist()
         for _ in range(6):
-            turns = [(torch.randint(0, vocab, (int(torch.randint(30, 71, (1,), generator=g)),), generator=g).tolist()
-                      if t else [], int(torch.randint(20, 41, (1,), generator=g))) for t in range(scale["turns"])]
+            turns = [(torch.randint(0, vocab, (int(torch.randint(obs[0], obs[1] + 1, (1,), generator=g)),),
+                                    generator=g).tolist() if t else [],
+                      int(torch.randint(out[0], out[1] + 1, (1,), generator=g))) for t in range(scale["turns"])]
             trajectories.append((task, turns))
     return trajectories
 

@@ -1,7 +1,7 @@
 """Speed of every op in kernels/ at Qwen2.5-7B shapes on a CUDA device: the engine's Triton kernel against
 PyTorch eager (kernels/reference.py), torch.compile of it, and Liger-Kernel / flash-attn where installed;
 forward and forward + backward, medians of triton.testing.do_bench. Reports GB/s (memory-bound ops) or
-TFLOP/s (matmul-bound ops) and the share of the H100 SXM limit (3.35 TB/s, 989 TFLOP/s dense bf16), and
+TFLOP/s (matmul-bound ops) and the share of the device's datasheet limit (DEVICE_PEAKS: H100, H200, A100), and
 writes benchmarks/results/kernels.json + kernels.md.
 
 Without a GPU it says so and runs each op once at tiny shapes in the Triton interpreter against the reference
@@ -16,7 +16,9 @@ import argparse
 import importlib
 import json
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,8 +35,21 @@ if not torch.cuda.is_available():  # the interpreter must be on before any @trit
 from kernels import reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-H100_BYTES_PER_S = 3.35e12
-H100_FLOP_PER_S = 989e12
+# Datasheet peaks (dense bf16, HBM), by a substring of torch.cuda.get_device_name(); most specific first.
+DEVICE_PEAKS = [
+    ("H200", dict(bytes_per_s=4.8e12, flop_per_s=989e12)),
+    ("H100 PCIe", dict(bytes_per_s=2.0e12, flop_per_s=756e12)),
+    ("H100", dict(bytes_per_s=3.35e12, flop_per_s=989e12)),  # SXM
+    ("A100", dict(bytes_per_s=2.0e12, flop_per_s=312e12)),  # 80 GB SXM
+]
+
+
+def device_limits(name: str) -> dict | None:
+    """{"bytes_per_s", "flop_per_s", "source"} from the datasheet of the named device, None if unknown."""
+    for key, peaks in DEVICE_PEAKS:
+        if key in name:
+            return dict(peaks, source=f"datasheet ({key})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,12 @@ def third_party(op: Op) -> dict:
                 q, k, v, cu, cu, max_len, max_len, causal=True)
         except ImportError:
             pass
+        try:
+            from kernels.ops.xformers_attention import xformers_varlen_attention
+            import xformers  # noqa: F401
+            found["xformers"] = lambda q, k, v, cu, max_len: xformers_varlen_attention(q, k, v, cu)
+        except ImportError:
+            pass
     return found
 
 
@@ -169,51 +190,87 @@ def fwd_bwd(fn, args, grads):
     torch.autograd.backward(outs, grads[: len(outs)])
 
 
-def bench_gpu(ops, shapes: Shapes, device="cuda", dtype=torch.bfloat16) -> list[dict]:
-    from triton.testing import do_bench
+CPU_REPEATS = 3  # host-timed runs per median without a GPU (benchmarks/gpu_suite.py --dry-run: 1, no warm-up)
+CPU_WARMUP = True
 
+
+def time_ms(fn, device) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA (its warm-up compiles and fills caches),
+    else CPU_REPEATS host-timed runs after one warm-up (CPU: the logic only, the numbers mean nothing)."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, return_mode="median")
+    if CPU_WARMUP:
+        fn()
+    times = []
+    for _ in range(CPU_REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def bench_ops(ops, shapes: Shapes, device="cuda", dtype=torch.bfloat16, limits: dict | None = None,
+              use_compile: bool = True, stop: Callable[[], bool] = lambda: False,
+              on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every implementation of each op (ours, eager, torch.compile, third-party), forward and forward +
+    backward, median times. limits: {"bytes_per_s", "flop_per_s"} for the share of the limit (None: no
+    share). stop(): True when the caller's time is up (the remaining rows say so)."""
     rows = []
+
+    def add(row):
+        rows.append(row)
+        on_row(row)
+
     for op in ops:
         triton_fn = load_triton(op)
         impls = {"triton": triton_fn} if triton_fn else {}
         impls["eager"] = getattr(reference, op.name)
-        if op.compile_ok:
-            impls["torch.compile"] = torch.compile(getattr(reference, op.name))
         impls.update(third_party(op))
+        if op.compile_ok and use_compile:  # last: compiling is the slowest part, cut first by stop()
+            impls["torch.compile"] = torch.compile(getattr(reference, op.name))
         if not triton_fn:
-            rows.append({"op": op.name, "impl": "triton", "status": f"missing ({op.module}.{op.triton_fn})"})
+            add({"op": op.name, "impl": "triton", "status": f"missing ({op.module}.{op.triton_fn})"})
         for impl, fn in impls.items():
             torch.manual_seed(0)
             args = op.make_args(shapes, device, dtype)
             for mode in ("forward", "forward+backward"):
                 backward = mode != "forward"
                 row = {"op": op.name, "impl": impl, "mode": mode}
+                if stop():
+                    add({**row, "status": "UNMEASURED (time cap reached)"})
+                    continue
                 try:
                     for a in leaves(args):
                         a.requires_grad_(backward)
                     if backward:
                         grads = [torch.randn_like(o) for o in outputs_of(fn(*args))]
-                        ms = do_bench(lambda: fwd_bwd(fn, args, grads), grad_to_none=leaves(args),
-                                      return_mode="median")
+                        ms = time_ms(lambda: fwd_bwd(fn, args, grads), device)
+                        for a in leaves(args):
+                            a.grad = None
                     else:
                         with torch.no_grad():
-                            ms = do_bench(lambda: fn(*args), return_mode="median")
+                            ms = time_ms(lambda: fn(*args), device)
                 except Exception as e:  # an impl without a backward, out of memory, an API mismatch
-                    row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    rows.append(row)
-                    torch.cuda.empty_cache()
+                    add({**row, "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     continue
                 flops, nbytes = op.cost(shapes, backward)
                 row.update(status="ok", ms=ms)
-                if flops:
-                    row.update(tflops=flops / ms / 1e9, share=flops / ms / 1e-3 / H100_FLOP_PER_S)
-                else:
-                    row.update(gbps=nbytes / ms / 1e6, share=nbytes / ms / 1e-3 / H100_BYTES_PER_S)
-                rows.append(row)
-                print(format_row(row), flush=True)
+                rate, limit = (flops, "flop_per_s") if flops else (nbytes, "bytes_per_s")
+                row.update({"tflops" if flops else "gbps": rate / ms / (1e9 if flops else 1e6)})
+                row["share"] = rate / ms / 1e-3 / limits[limit] if limits else None
+                add(row)
             del args
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows
+
+
+def bench_gpu(ops, shapes: Shapes, device="cuda", dtype=torch.bfloat16) -> list[dict]:
+    limits = device_limits(torch.cuda.get_device_name())
+    return bench_ops(ops, shapes, device, dtype, limits, on_row=lambda r: print(format_row(r), flush=True))
 
 
 def format_row(r: dict, eager_ms: float | None = None) -> str:
@@ -221,8 +278,8 @@ def format_row(r: dict, eager_ms: float | None = None) -> str:
         return f"| {r['op']} | {r['impl']} | {r.get('mode', '')} | {r['status']} | | | |"
     rate = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
     speedup = f"{eager_ms / r['ms']:.2f}x" if eager_ms else ""
-    return (f"| {r['op']} | {r['impl']} | {r['mode']} | {r['ms']:.3f} ms | {rate} | {100 * r['share']:.0f}% "
-            f"| {speedup} |")
+    share = f"{100 * r['share']:.0f}%" if r.get("share") is not None else "n/a (unknown device)"
+    return f"| {r['op']} | {r['impl']} | {r['mode']} | {r['ms']:.3f} ms | {rate} | {share} | {speedup} |"
 
 
 def check_cpu(ops) -> list[dict]:
@@ -272,19 +329,20 @@ def main() -> int:
     shapes = Shapes(tokens=args.tokens)
     device_name = torch.cuda.get_device_name()
     print(f"{device_name}, bf16, {shapes}\n")
-    header = ["| op | impl | mode | median | rate | share of H100 limit | speedup vs eager |",
+    limits = device_limits(device_name)
+    header = ["| op | impl | mode | median | rate | share of the device's limit | speedup vs eager |",
               "|---|---|---|---:|---:|---:|---:|"]
     print("\n".join(header))
     rows = bench_gpu(ops, shapes)
     eager = {(r["op"], r["mode"]): r["ms"] for r in rows if r["impl"] == "eager" and r.get("status") == "ok"}
     RESULTS.mkdir(exist_ok=True)
     meta = {"device": device_name, "dtype": "bfloat16", "shapes": shapes.__dict__, "torch": torch.__version__,
-            "limits": {"bytes_per_s": H100_BYTES_PER_S, "flop_per_s": H100_FLOP_PER_S}}
+            "limits": limits}
     (RESULTS / "kernels.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     md = [f"# Kernel timings on {device_name} (bf16, Qwen2.5-7B shapes, {shapes.tokens} tokens)", "",
           "Medians of triton.testing.do_bench. Rate: GB/s for memory-bound ops (bytes that must move), TFLOP/s "
-          "for matmul-bound ones (useful FLOPs, recomputation not counted); share of the H100 SXM limit "
-          "(3.35 TB/s, 989 TFLOP/s).", "",
+          "for matmul-bound ones (useful FLOPs, recomputation not counted); share of the device's datasheet "
+          f"limit: {limits}.", "",
           *header, *[format_row(r, eager.get((r["op"], r.get("mode")))) for r in rows], ""]
     (RESULTS / "kernels.md").write_text("\n".join(md))
     return 0

@@ -14,8 +14,10 @@ row logsumexp (base 2) saved for the backward. Under the CPU interpreter (and fo
 to fp32 right after tl.load and tl.dot runs in exact fp32 (the interpreter's bf16 is broken); on a GPU, 16-bit
 tiles go through tl.dot in their own dtype (tensor cores; P and dS rounded to it, as in FlashAttention-2).
 
-PROTEGE_ATTENTION=flash_attn selects the flash-attn package for CUDA tensors (imported lazily, optional; it does
-not promise the packing invariance above). CPU tensors always use the Triton kernels.
+PROTEGE_ATTENTION=flash_attn selects the flash-attn package, PROTEGE_ATTENTION=xformers xformers' memory-efficient
+attention with a block-diagonal causal mask over the pack (kernels/ops/xformers_attention.py), for CUDA tensors
+(imported lazily, optional; neither promises the packing invariance above). CPU tensors always use the Triton
+kernels.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from kernels._validate import INTERPRETING, check_float_tensor, check_like
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_BACKENDS = ("triton", "flash_attn")
+_BACKENDS = ("triton", "flash_attn", "xformers")
 
 
 @triton.jit
@@ -381,7 +383,11 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, causal=True, s
     -> [T, Hq, D] in q's dtype. softmax_scale defaults to D ** -0.5."""
     longest = _check_inputs(q, k, v, cu_seqlens, max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[2] ** -0.5
-    if _selected_backend() == "flash_attn" and q.is_cuda:
+    backend = _selected_backend()
+    if backend == "xformers" and q.is_cuda:
+        from kernels.ops.xformers_attention import xformers_varlen_attention
+        return xformers_varlen_attention(q, k, v, cu_seqlens, causal, scale)
+    if backend == "flash_attn" and q.is_cuda:
         try:
             from flash_attn import flash_attn_varlen_func
         except ImportError as e:
