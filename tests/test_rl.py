@@ -170,3 +170,29 @@ def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
     assert torch.equal(logp.detach(), batch.sampler_logprobs)
     _, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp))
     assert stats["ratio_mean"] == 1.0 and stats["max_abs_logprob_diff"] == 0.0
+
+
+def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_path, bundled_images, docker_client):
+    """Docker backend: one task's image does not exist. Its trajectories end as errors (recorded, scored as
+    unresolved), the other task's run normally, the step completes, and no container is left behind."""
+    from rollout.envs.docker import LABEL
+    from rollout.tasks import BUNDLED_JSONL
+    rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
+    rows[1]["image"] = "protege/no-such-image:latest"
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "crash"
+    done = run(TRAIN + overrides(models, out, 'rl.backend="docker"', f"rl.tasks={json.dumps(str(tasks))}",
+                                 "train.steps=1", "rl.prompts_per_step=2", "rl.group_size=2"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stored = list(rollouts(out, 1).values())
+    broken = [r for r in stored if r["trajectory"]["task_id"] == rows[1]["instance_id"]]
+    fine = [r for r in stored if r["trajectory"]["task_id"] == rows[0]["instance_id"]]
+    assert len(broken) == len(fine) == 2
+    assert all(r["trajectory"]["termination"] == "error" and "no-such-image" in r["trajectory"]["error"]
+               and r["reward"]["R_correct"] == 0.0 for r in broken)
+    assert all(r["trajectory"]["termination"] != "error" for r in fine)
+    assert [r["step"] for r in metrics(out)] == [1]
+    left = [c for c in docker_client.containers.list(all=True, filters={"label": LABEL})
+            if c.labels[LABEL] != str(os.getpid())]   # the training run's containers (not this test process's)
+    assert left == []
