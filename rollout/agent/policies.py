@@ -8,6 +8,7 @@
 return the generated token ids and their log-probs, which the trajectory keeps verbatim."""
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, replace
 
@@ -136,12 +137,22 @@ class SamplerPolicy:
         self.sampler, self.name = sampler, name
         self.params = replace(params, n=1, logprobs=True, on_context_overflow="finish")
         self.server = SamplerServer(sampler)
+        self.seed: int | None = None
+
+    def with_seed(self, seed: int) -> SamplerPolicy:
+        """This policy (same server, same batch) drawing from `seed`: each turn's draws come from the seed and
+        the turn's position, so an attempt replays exactly whatever else runs beside it."""
+        seeded = copy.copy(self)
+        seeded.seed = seed
+        return seeded
 
     def act(self, messages: list[dict], conversation, max_new_tokens: int) -> Turn:
         prompt = conversation.ids + conversation.generation_prompt
         # <|im_end|> ends a turn whatever EOS ids the sampler has (a base model's config names <|endoftext|>).
         params = replace(self.params, max_tokens=max(1, min(self.params.max_tokens, max_new_tokens)),
                          stop_token_ids=(*self.params.stop_token_ids, conversation.tokenizer.im_end_id))
+        if self.seed is not None:
+            params = replace(params, seed=(self.seed * 1_000_003 + len(messages)) % 2 ** 63)
         completion = self.server.generate(prompt, params)
         if not completion.token_ids:   # the prompt alone fills the sampler's context
             raise ContextFull(f"the prompt of {len(prompt)} tokens leaves no room to generate")
