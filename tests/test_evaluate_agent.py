@@ -1,0 +1,155 @@
+"""The evaluation command (rollout.evaluate_agent) and its report (rollout.report): outputs, a side-by-side
+report, resuming after kill -9, and refusing bad input before any work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rollout.evaluate_agent import main
+from rollout.report import main as report_main, pass_at_k, wilson_interval
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ROOT / "data/tasks/instances.jsonl"
+LIMIT = ["--limit", "3"]
+PNGS = ("resolve_rate", "expert_calls", "expert_token_share", "cost", "steps", "loops", "termination")
+
+
+def stable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def gold_run(tmp_path_factory, sandbox_ready):
+    out = tmp_path_factory.mktemp("eval") / "gold"
+    assert main(["--tasks", str(TASKS), "--policy", "scripted", "--backend", "sandbox", "--out", str(out),
+                 "--concurrency", "3", *LIMIT]) == 0
+    return out
+
+
+def test_outputs_of_a_scripted_run(gold_run):
+    predictions = [json.loads(line) for line in (gold_run / "predictions.jsonl").read_text().splitlines()]
+    assert [sorted(p) for p in predictions] == [["instance_id", "model_name_or_path", "model_patch"]] * 3
+    assert all(p["model_patch"].startswith("diff --git") and p["model_name_or_path"] == "protege-scripted"
+               for p in predictions)
+    results = json.loads((gold_run / "results.json").read_text())
+    assert results["run"]["max_steps"] == 75 and results["run"]["expert_budget_usd"] == 2.0
+    assert results["run"]["expert_quota"] == 6 and results["run"]["expert_recent_messages"] == 5
+    records = results["instances"]
+    assert [r["instance_id"] for r in records] == [p["instance_id"] for p in predictions]
+    for r in records:
+        assert r["resolved"] is True and r["termination"] == "submitted" and r["expert_calls"] == 1
+        assert r["steps"] >= 4 and r["longest_streak"] >= 1 and r["cost_usd"] == 0.0
+        assert 0 < r["tokens"]["expert"] < r["tokens"]["total"]
+    report = (gold_run / "report.md").read_text()
+    assert "| protege-scripted | 3 | 3 | 100.0% [43.8, 100.0] |" in report
+    for name in PNGS:
+        assert f"({name}.png)" in report
+        assert (gold_run / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_side_by_side_report_of_gold_and_empty(gold_run, tmp_path):
+    empty = tmp_path / "empty"
+    assert main(["--tasks", str(TASKS), "--policy", "empty", "--backend", "sandbox", "--out", str(empty),
+                 *LIMIT]) == 0
+    records = json.loads((empty / "results.json").read_text())["instances"]
+    assert [(r["resolved"], r["steps"], r["patch"]) for r in records] == [(False, 1, "")] * 3
+    assert report_main([str(gold_run), str(empty), "--names", "gold", "empty", "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp/report.md").read_text()
+    assert "| gold | 3 | 3 | 100.0%" in report and "| empty | 3 | 3 | 0.0% [0.0, 56.2]" in report
+    summary = json.loads((tmp_path / "cmp/report.json").read_text())
+    assert summary["gold"]["expert_calls_per_task"] == 1.0 and summary["empty"]["expert_calls_per_task"] == 0.0
+    assert all((tmp_path / f"cmp/{name}.png").is_file() for name in PNGS)
+
+
+def test_kill_9_then_rerun_finishes_without_redoing_finished_attempts(gold_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--tasks", str(TASKS), "--policy", "scripted", "--backend", "sandbox", "--out", str(out),
+            "--concurrency", "1", *LIMIT]
+    proc = subprocess.Popen([sys.executable, "-m", "rollout.evaluate_agent", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = results.read_text().splitlines()
+    assert 1 <= len(first) < 3 and not (out / "results.json").exists()
+    finished = [json.loads(line)["instance_id"] for line in first]
+    kept = {i: (out / f"trajectories/{i}.0.json").stat().st_mtime_ns for i in finished}
+
+    assert main(args) == 0
+    assert f"{len(first)} attempt(s) done, {3 - len(first)} to run" in capsys.readouterr().err
+    assert {i: (out / f"trajectories/{i}.0.json").stat().st_mtime_ns for i in finished} == kept
+    assert len(results.read_text().splitlines()) == 3
+    resumed = json.loads((out / "results.json").read_text())["instances"]
+    uninterrupted = json.loads((gold_run / "results.json").read_text())["instances"]
+    assert stable(resumed) == stable(uninterrupted)
+    assert (out / "predictions.jsonl").read_text() == (gold_run / "predictions.jsonl").read_text()
+    # Once finished, a rerun does nothing but rewrite the outputs.
+    assert main(args) == 0
+    assert "3 attempt(s) done, 0 to run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_a_task_file_with_a_missing_field_fails_before_any_work(tmp_path, capsys):
+    row = json.loads(TASKS.read_text().splitlines()[0])
+    del row["problem_statement"]
+    row["source"] = str(TASKS.parent / row["source"])
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_text(json.dumps(row) + "\n")
+    assert main(["--tasks", str(bad), "--policy", "scripted", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tasks.jsonl: row 1: instance 'protege__binary_search-1': field 'problem_statement': missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_policy_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--tasks", str(TASKS), "--policy", "gpt", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "invalid choice: 'gpt'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_does_not_load_fails_before_any_work(tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "qwen2"}')
+    from engine.tokenizer import train_bpe_tokenizer
+    train_bpe_tokenizer(["a few words"] * 4, 300, checkpoint)
+    assert main(["--tasks", str(TASKS), "--policy", "sampler", "--checkpoint", str(checkpoint),
+                 "--out", str(tmp_path / "out"), "--backend", "sandbox"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --checkpoint {checkpoint}: does not load" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_docker_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such-docker.sock")
+    assert main(["--tasks", str(TASKS), "--policy", "empty", "--backend", "docker",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "error: --backend docker: cannot reach a Docker engine" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused(gold_run, capsys):
+    assert main(["--tasks", str(TASKS), "--policy", "empty", "--backend", "sandbox", "--out", str(gold_run),
+                 *LIMIT]) == 2
+    assert "holds a run with other settings (policy: 'scripted' there, 'empty' now" in capsys.readouterr().err
+
+
+def test_interval_and_pass_at_k():
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(4, 1, 2) == pytest.approx(0.5)
