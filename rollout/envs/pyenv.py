@@ -10,6 +10,7 @@ The cache directory is $PROTEGE_CACHE, else ~/.cache/protege."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -65,7 +66,7 @@ def wheelhouse(spec: EnvSpec, log=print) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         log(f"downloading wheels for Python {spec.python}: {' '.join(spec.packages)}")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+        proc = subprocess.run([*_host_pip(), "download", "--quiet", "--disable-pip-version-check",
                                "--dest", str(partial), "--only-binary=:all:", "--python-version", spec.python,
                                *BOOTSTRAP, *spec.packages], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -75,6 +76,16 @@ def wheelhouse(spec: EnvSpec, log=print) -> Path:
         (partial / COMPLETE).write_text(" ".join(spec.packages) + "\n")
         partial.rename(target)
     return target
+
+
+def _host_pip() -> list[str]:
+    """pip on this machine, to download with: the engine's own, else one on PATH."""
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    for name in ("pip3", "pip"):
+        if shutil.which(name):
+            return [shutil.which(name)]
+    raise RuntimeError("no pip here to download the environment's packages with (pip install pip)")
 
 
 def pip_wheel(wheels: Path) -> Path:
