@@ -153,3 +153,35 @@ def test_interval_and_pass_at_k():
     low, high = wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(4, 1, 2) == pytest.approx(0.5)
+
+
+def test_sampler_policy_seeded_attempts_replay_and_differ(tmp_path, sandbox_ready):
+    """A checkpoint through the sampler, two sampled attempts: each attempt's draws come from seed + attempt,
+    so a second run replays the first token for token, and the two attempts differ."""
+    import torch
+    from engine.config import ModelConfig
+    from engine.model import Qwen2ForCausalLM
+    from engine.tokenizer import train_bpe_tokenizer
+    checkpoint = tmp_path / "model"
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, checkpoint)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=4096)).save_pretrained(checkpoint)
+
+    def run(out):
+        assert main(["--tasks", str(TASKS), "--policy", "sampler", "--checkpoint", str(checkpoint), "--limit", "1",
+                     "--attempts", "2", "--temperature", "1", "--seed", "7", "--max-turn-tokens", "6",
+                     "--kv-cache-gb", "0.002", "--max-steps", "2", "--backend", "sandbox", "--out", str(out)]) == 0
+        return [json.loads(p.read_text()) for p in sorted((out / "trajectories").glob("*.json"))]
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    def generated(trajectories):   # the sampled tokens of every turn (loss mask 1)
+        return [[[i for i, m in zip(msg["token_ids"], msg["loss_mask"]) if m] for msg in t["messages"]
+                 if msg["role"] == "assistant"] for t in trajectories]
+    tokens = generated(first)
+    assert tokens == generated(second)
+    assert tokens[0] != tokens[1] and all(1 <= len(turn) <= 6 for turns in tokens for turn in turns)
+    report = json.loads((tmp_path / "a/report.json").read_text())["model"]
+    assert report["attempts"] == 2 and report["pass@2"] == 0.0 and report["termination"] == {"context": 2}
+    assert (tmp_path / "a/predictions.attempt1.jsonl").is_file()
