@@ -185,3 +185,24 @@ def test_sampler_policy_seeded_attempts_replay_and_differ(tmp_path, sandbox_read
     report = json.loads((tmp_path / "a/report.json").read_text())["model"]
     assert report["attempts"] == 2 and report["pass@2"] == 0.0 and report["termination"] == {"context": 2}
     assert (tmp_path / "a/predictions.attempt1.jsonl").is_file()
+
+
+@pytest.mark.docker
+def test_swebench_harness_takes_our_predictions_and_grades_like_us(gold_run, tmp_path, monkeypatch, bundled_images):
+    """swebench's own run_evaluation on our predictions.jsonl (one prediction swapped for the task's wrong
+    fix), against the same task file and our locally built images: the same resolved set as rollout.evaluate."""
+    from swebench.harness.run_evaluation import main as run_evaluation
+    from rollout.evaluate import evaluate_patch
+    rows = {r["instance_id"]: r for r in map(json.loads, TASKS.read_text().splitlines())}
+    predictions = [json.loads(line) for line in (gold_run / "predictions.jsonl").read_text().splitlines()][:2]
+    predictions[1]["model_patch"] = rows[predictions[1]["instance_id"]]["wrong_patch"]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    ours = {p["instance_id"] for p in predictions
+            if evaluate_patch(bundled_images[p["instance_id"]], p["model_patch"], backend="docker").resolved}
+    monkeypatch.chdir(tmp_path)   # the harness writes logs/ under the working directory
+    report = run_evaluation(str(TASKS), "test", [p["instance_id"] for p in predictions], str(path), 2, 4096,
+                            "protege-test", 600, False, False, str(tmp_path))
+    graded = json.loads(Path(report).read_text())
+    assert graded["completed_instances"] == 2 and graded["error_instances"] == 0
+    assert set(graded["resolved_ids"]) == ours == {predictions[0]["instance_id"]}
