@@ -206,3 +206,25 @@ def test_swebench_harness_takes_our_predictions_and_grades_like_us(gold_run, tmp
     graded = json.loads(Path(report).read_text())
     assert graded["completed_instances"] == 2 and graded["error_instances"] == 0
     assert set(graded["resolved_ids"]) == ours == {predictions[0]["instance_id"]}
+
+
+@pytest.mark.docker
+def test_a_local_swebench_image_is_used_as_it_is(tmp_path, docker_client, bundled_images, capsys):
+    """A row without an image or bundled source names swebench's image for its instance; present locally, it is
+    used as it is (here: a bundled task's image tagged with that name)."""
+    from rollout.tasks import swebench_image_name
+    row = json.loads(TASKS.read_text().splitlines()[0])
+    name = swebench_image_name(row["instance_id"])
+    for field in ("image", "source", "environment"):
+        del row[field]
+    (tmp_path / "tasks.jsonl").write_text(json.dumps(row) + "\n")
+    args = ["--tasks", str(tmp_path / "tasks.jsonl"), "--policy", "scripted", "--backend", "docker"]
+    assert main([*args, "--out", str(tmp_path / "missing")]) == 2   # not there yet: refused before any work
+    assert f"neither present locally nor buildable here: {row['instance_id']} ({name})" in capsys.readouterr().err
+    docker_client.images.get(bundled_images[row["instance_id"]].image).tag(name)
+    try:
+        assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    finally:
+        docker_client.images.remove(name)
+    records = json.loads((tmp_path / "out/results.json").read_text())["instances"]
+    assert [r["resolved"] for r in records] == [True]
