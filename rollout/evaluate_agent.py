@@ -116,6 +116,12 @@ def check_backend(args, tasks: list[Task]) -> None:
             _check_bwrap()
         except SandboxUnavailable as e:
             raise InputError(f"--backend sandbox: {e}") from None
+        from rollout.envs.sandbox import prepare_environment
+        for spec in {t.env_spec for t in tasks}:
+            try:
+                prepare_environment(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
+            except RuntimeError as e:
+                raise InputError(f"task environment: {e}") from None
         return
     import docker
     try:

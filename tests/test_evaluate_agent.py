@@ -17,7 +17,7 @@ from rollout.report import main as report_main, pass_at_k, wilson_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "data/tasks/instances.jsonl"
-LIMIT = ["--limit", "3"]
+LIMIT = ["--limit", "2"]
 PNGS = ("resolve_rate", "expert_calls", "expert_token_share", "cost", "steps", "loops", "termination")
 
 
@@ -29,13 +29,13 @@ def stable(records: list[dict]) -> list[dict]:
 def gold_run(tmp_path_factory, sandbox_ready):
     out = tmp_path_factory.mktemp("eval") / "gold"
     assert main(["--tasks", str(TASKS), "--policy", "scripted", "--backend", "sandbox", "--out", str(out),
-                 "--concurrency", "3", *LIMIT]) == 0
+                 "--concurrency", "2", *LIMIT]) == 0
     return out
 
 
 def test_outputs_of_a_scripted_run(gold_run):
     predictions = [json.loads(line) for line in (gold_run / "predictions.jsonl").read_text().splitlines()]
-    assert [sorted(p) for p in predictions] == [["instance_id", "model_name_or_path", "model_patch"]] * 3
+    assert [sorted(p) for p in predictions] == [["instance_id", "model_name_or_path", "model_patch"]] * 2
     assert all(p["model_patch"].startswith("diff --git") and p["model_name_or_path"] == "protege-scripted"
                for p in predictions)
     results = json.loads((gold_run / "results.json").read_text())
@@ -48,7 +48,7 @@ def test_outputs_of_a_scripted_run(gold_run):
         assert r["steps"] >= 4 and r["longest_streak"] >= 1 and r["cost_usd"] == 0.0
         assert 0 < r["tokens"]["expert"] < r["tokens"]["total"]
     report = (gold_run / "report.md").read_text()
-    assert "| protege-scripted | 3 | 3 | 100.0% [43.8, 100.0] |" in report
+    assert "| protege-scripted | 2 | 2 | 100.0% [34.2, 100.0] |" in report
     for name in PNGS:
         assert f"({name}.png)" in report
         assert (gold_run / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -59,10 +59,10 @@ def test_side_by_side_report_of_gold_and_empty(gold_run, tmp_path):
     assert main(["--tasks", str(TASKS), "--policy", "empty", "--backend", "sandbox", "--out", str(empty),
                  *LIMIT]) == 0
     records = json.loads((empty / "results.json").read_text())["instances"]
-    assert [(r["resolved"], r["steps"], r["patch"]) for r in records] == [(False, 1, "")] * 3
+    assert [(r["resolved"], r["steps"], r["patch"]) for r in records] == [(False, 1, "")] * 2
     assert report_main([str(gold_run), str(empty), "--names", "gold", "empty", "--out", str(tmp_path / "cmp")]) == 0
     report = (tmp_path / "cmp/report.md").read_text()
-    assert "| gold | 3 | 3 | 100.0%" in report and "| empty | 3 | 3 | 0.0% [0.0, 56.2]" in report
+    assert "| gold | 2 | 2 | 100.0%" in report and "| empty | 2 | 2 | 0.0% [0.0, 65.8]" in report
     summary = json.loads((tmp_path / "cmp/report.json").read_text())
     assert summary["gold"]["expert_calls_per_task"] == 1.0 and summary["empty"]["expert_calls_per_task"] == 0.0
     assert all((tmp_path / f"cmp/{name}.png").is_file() for name in PNGS)
@@ -84,21 +84,21 @@ def test_kill_9_then_rerun_finishes_without_redoing_finished_attempts(gold_run, 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     first = results.read_text().splitlines()
-    assert 1 <= len(first) < 3 and not (out / "results.json").exists()
+    assert len(first) == 1 and not (out / "results.json").exists()
     finished = [json.loads(line)["instance_id"] for line in first]
     kept = {i: (out / f"trajectories/{i}.0.json").stat().st_mtime_ns for i in finished}
 
     assert main(args) == 0
-    assert f"{len(first)} attempt(s) done, {3 - len(first)} to run" in capsys.readouterr().err
+    assert "1 attempt(s) done, 1 to run" in capsys.readouterr().err
     assert {i: (out / f"trajectories/{i}.0.json").stat().st_mtime_ns for i in finished} == kept
-    assert len(results.read_text().splitlines()) == 3
+    assert len(results.read_text().splitlines()) == 2
     resumed = json.loads((out / "results.json").read_text())["instances"]
     uninterrupted = json.loads((gold_run / "results.json").read_text())["instances"]
     assert stable(resumed) == stable(uninterrupted)
     assert (out / "predictions.jsonl").read_text() == (gold_run / "predictions.jsonl").read_text()
     # Once finished, a rerun does nothing but rewrite the outputs.
     assert main(args) == 0
-    assert "3 attempt(s) done, 0 to run" in capsys.readouterr().err
+    assert "2 attempt(s) done, 0 to run" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -228,3 +228,18 @@ def test_a_local_swebench_image_is_used_as_it_is(tmp_path, docker_client, bundle
         docker_client.images.remove(name)
     records = json.loads((tmp_path / "out/results.json").read_text())["instances"]
     assert [r["resolved"] for r in records] == [True]
+
+
+def test_a_bad_environment_declaration_fails_before_any_work(tmp_path, capsys, sandbox_ready):
+    row = json.loads(TASKS.read_text().splitlines()[0])
+    row["source"] = str(TASKS.parent / row["source"])
+    bad = tmp_path / "tasks.jsonl"
+    for environment, message in (({"packages": "pytest", "install": 3}, "field 'environment.install': expected a "
+                                   "string, got int"),
+                                  ({"python": "3.99"}, "environment.python 3.99: no Python 3.99 on this machine")):
+        row["environment"] = environment
+        bad.write_text(json.dumps(row) + "\n")
+        assert main(["--tasks", str(bad), "--policy", "scripted", "--backend", "sandbox",
+                     "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

@@ -126,14 +126,16 @@ def sandbox_venv(spec: EnvSpec, run_sandboxed, log=print) -> Path:
     command, tool_paths) runs `command` under bubblewrap with `binds` ((host path, sandbox path, writable)); the
     environment is built at the path the sandbox mounts it on, so its scripts' #! lines hold there."""
     from rollout.envs.sandbox import SANDBOX_ENV_DIR, SANDBOX_WHEELS_DIR
-    wheels = wheelhouse(spec, log)
     target = cache_dir() / "venvs" / spec.key
+    if (target / COMPLETE).is_file():
+        return target
+    python = host_python(spec.python)   # before any download: no such Python, no work
+    wheels = wheelhouse(spec, log)
     with _locked(f"venv-{spec.key}"):
         if (target / COMPLETE).is_file():
             return target
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        python = host_python(spec.python)
         log(f"building the environment {spec.key} (Python {spec.python}: {python})")
         script = venv_commands(spec, SANDBOX_ENV_DIR, SANDBOX_WHEELS_DIR, pip_wheel(wheels).name)
         # python<version> on PATH inside the sandbox is the chosen interpreter

@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+from pathlib import Path
 
 from rollout.envs.pyenv import EXCLUDE_INSTALL_LITTER
 from rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
@@ -85,9 +86,19 @@ def bwrap_argv(bwrap: str, binds: list[tuple[str, str, bool]], env: dict[str, st
             "bash", "-c", command]
 
 
-def _run_plain(argv: list[str]) -> tuple[int, str]:
+def run_with_binds(binds: list[tuple[str, str, bool]], command: str, tool_paths: list[str]) -> tuple[int, str]:
+    """`command` under bubblewrap with only `binds` (to build an environment, before any workspace)."""
+    argv = bwrap_argv(_check_bwrap(), binds, {**SANDBOX_ENV, "PIP_CONFIG_FILE": os.devnull}, "/tmp", command,
+                      tool_paths)
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def prepare_environment(spec, log=lambda message: None) -> tuple[Path, Path]:
+    """The (virtual environment, wheelhouse) of a declaration, built unless cached: a bad declaration fails
+    here, before any work."""
+    from rollout.envs import pyenv
+    return pyenv.sandbox_venv(spec, run_with_binds, log), pyenv.wheelhouse(spec, log)
 
 
 
@@ -124,9 +135,8 @@ class SandboxEnvironment:
         self.timeout = timeout
         self.output_cap = output_cap
         spec = task.env_spec
-        wheels = pyenv.wheelhouse(spec, log=lambda m: None)
         self.env = {**SANDBOX_ENV, **pyenv.offline_pip_env(SANDBOX_WHEELS_DIR)} if env is None else dict(env)
-        venv = pyenv.sandbox_venv(spec, self._run_with_binds, log=lambda m: None)
+        venv, wheels = prepare_environment(spec)
         self.root = tempfile.mkdtemp(prefix="protege-ws-", dir=workdir)
         self.host_repo_dir = os.path.join(os.path.realpath(self.root), "repo")  # the same files, seen from here
         # The base interpreter the environment's python links to (a pyenv one lives under /root).
@@ -154,11 +164,6 @@ class SandboxEnvironment:
             self.close()
             raise
 
-    def _run_with_binds(self, binds: list[tuple[str, str, bool]], command: str,
-                        tool_paths: list[str]) -> tuple[int, str]:
-        """`command` under bubblewrap with only `binds` (to build the environment, before the workspace)."""
-        return _run_plain(bwrap_argv(self.bwrap, binds, {**SANDBOX_ENV, "PIP_CONFIG_FILE": os.devnull}, "/tmp",
-                                     command, tool_paths))
 
     def _clone(self, repos_dir: str | None) -> None:
         source = os.path.join(repos_dir or "", self.task.repo.replace("/", "__"))
