@@ -120,8 +120,9 @@ def _plots(runs: list[tuple[str, list[dict], dict]], out: Path) -> list[tuple[st
         xs = range(len(values))
         ax.bar(xs, values, color=colours[:len(values)], yerr=errors, capsize=6 if errors is not None else 0)
         ax.set_xticks(list(xs), labels)
-        for x, v in zip(xs, values):
-            ax.annotate(fmt(v), (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=9)
+        tops = [v + e for v, e in zip(values, errors[1])] if errors is not None else values  # above the bar
+        for x, v, top in zip(xs, values, tops):
+            ax.annotate(fmt(v), (x, top), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=9)
 
     # Pass@1 with its interval
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(runs) + 2), 3.6))
