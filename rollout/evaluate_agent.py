@@ -338,17 +338,17 @@ def _main(args) -> int:
             return evaluate_patch(task, patch, backend=args.backend).to_dict()
 
     progress = Progress(len(wanted), list(done.values()))
-    started = {}
+    started = threading.local()   # run_batch opens a job's environment and reports it on the same thread
     results_file = open(results_path, "a", encoding="utf-8")
 
     def make_env(task: Task):
-        started[task.instance_id] = time.monotonic()
+        started.at = time.monotonic()
         return open_environment(task, args.backend)
 
     def on_done(traj: Trajectory) -> None:
         policy = policies[(traj.task_id, traj.attempt)]
         cost = policy.cost_usd if isinstance(policy, AnthropicPolicy) else 0.0
-        r = record(traj, time.monotonic() - started.get(traj.task_id, time.monotonic()), cost)
+        r = record(traj, time.monotonic() - getattr(started, "at", time.monotonic()), cost)
         name = f"{traj.task_id}.{traj.attempt}.json".replace("/", "_")
         _atomic_write(out / "trajectories" / name, json.dumps(traj.to_dict(), ensure_ascii=False))
         # The trajectory first, the results line last: a line means the attempt is complete.
@@ -359,7 +359,7 @@ def _main(args) -> int:
         print(progress.update(r), file=sys.stderr, flush=True)
 
     try:
-        run_batch(jobs, lambda task: make_env(task), expert, tokenizer, config, concurrency=args.concurrency,
+        run_batch(jobs, make_env, expert, tokenizer, config, concurrency=args.concurrency,
                   evaluate=evaluate, on_done=on_done)
     finally:
         results_file.close()
