@@ -202,3 +202,20 @@ def test_bad_files(tmp_path):
         load_tasks(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="unknown task format"):
         load_tasks(tmp_path / "a.jsonl", format="swe-fancy")
+
+
+def test_environment_declarations_as_swebench_spells_them():
+    from rollout.tasks import EnvSpec, TaskFormatError, parse_env_spec
+    spec = parse_env_spec({"python": 3.9, "packages": "pytest==8.3.5 pytest-cov", "pip_packages": ["attrs"],
+                           "pre_install": "apt-get -v", "install": "pip install -e .", "test_cmd": ["pytest -rA"]}, "t")
+    assert spec == EnvSpec("3.9", ("pytest==8.3.5", "pytest-cov", "attrs"), ("apt-get -v",), "pip install -e .",
+                           "pytest -rA")
+    assert spec.setup_commands == ("apt-get -v", "pip install -e .") and spec.test_command == "pytest -rA"
+    assert parse_env_spec("{}", "t") == EnvSpec() and EnvSpec().key == parse_env_spec({}, "t").key
+    assert EnvSpec(packages=("a", "b")).key == EnvSpec(packages=("b", "a")).key != EnvSpec(packages=("a",)).key
+    for value, message in (({"python": "three"}, "'environment.python': expected a version"),
+                           ({"packages": [""]}, "'environment.packages': expected a list of non-empty strings"),
+                           ({"packages": ["--index-url=x"]}, "'environment.packages': options are not packages"),
+                           ({"conda": "x"}, "'environment.conda': unknown"), ([], "'environment': expected an object")):
+        with pytest.raises(TaskFormatError, match=message):
+            parse_env_spec(value, "tasks.jsonl: row 1")
