@@ -26,6 +26,10 @@ from rewards.patches import new_files, patch_files, reverse_patch
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 BUNDLED_JSONL = BUNDLED_DIR / "instances.jsonl"
+# Real upstream bug fixes (released projects' own code and tests), in the same layout: a set of their own,
+# apart from the built-in default.
+UPSTREAM_DIR = BUNDLED_DIR / "upstream"
+UPSTREAM_JSONL = UPSTREAM_DIR / "instances.jsonl"
 TEST_COMMAND = "python3 -m pytest -rA -p no:cacheprovider"
 
 # Fixed identity and dates: the same files always give the same base commit hash.
@@ -185,6 +189,10 @@ def load_tasks(path: str | os.PathLike, format: str = "auto", image_namespace: s
 
 def bundled_tasks() -> list[Task]:
     return load_tasks(BUNDLED_JSONL)
+
+
+def upstream_tasks() -> list[Task]:
+    return load_tasks(UPSTREAM_JSONL)
 
 
 def _read_rows(path: Path) -> list:
@@ -414,6 +422,7 @@ def bundled_rows(directory: Path = BUNDLED_DIR) -> list[dict]:
 
 
 if __name__ == "__main__":
-    rows = bundled_rows()
-    BUNDLED_JSONL.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {len(rows)} tasks to {BUNDLED_JSONL}", file=sys.stderr)
+    for directory, path in ((BUNDLED_DIR, BUNDLED_JSONL), (UPSTREAM_DIR, UPSTREAM_JSONL)):
+        rows = bundled_rows(directory)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} tasks to {path}", file=sys.stderr)

@@ -35,8 +35,10 @@ def swesmith_row(row):
 
 def test_bundled_set_is_up_to_date():
     """instances.jsonl is what the sources in data/tasks/ generate, base commits included (they are
-    reproducible: fixed author, committer and dates)."""
+    reproducible: fixed author, committer and dates); the same for the upstream set."""
+    from rollout.tasks import UPSTREAM_DIR, UPSTREAM_JSONL
     assert bundled_rows() == ROWS
+    assert bundled_rows(UPSTREAM_DIR) == [json.loads(line) for line in UPSTREAM_JSONL.read_text().splitlines()]
 
 
 def test_bundled_set_shape():
