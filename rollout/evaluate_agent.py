@@ -156,6 +156,8 @@ def check_backend(args, tasks: list[Task]) -> None:
 def load_policy(args, tokenizer):
     """The shared policy object (sampler, Anthropic client) -- loaded before any work, so a checkpoint that
     does not load fails here."""
+    if (args.policy == "anthropic" or args.expert == "anthropic") and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise InputError("the Anthropic policy/expert needs ANTHROPIC_API_KEY in the environment")
     if args.policy == "sampler":
         import torch
         from engine.model import Qwen2ForCausalLM
@@ -170,9 +172,6 @@ def load_policy(args, tokenizer):
         sampler = Sampler(model, kv_cache_bytes=int(args.kv_cache_gb * 2 ** 30), eos_token_ids=tokenizer.eos_ids)
         return SamplerPolicy(sampler, SamplingParams(temperature=args.temperature, max_tokens=args.max_turn_tokens),
                              name=model_name(args))
-    if args.policy == "anthropic" or args.expert == "anthropic":
-        if not os.environ.get("ANTHROPIC_API_KEY"):
-            raise InputError("the Anthropic policy/expert needs ANTHROPIC_API_KEY in the environment")
     return None
 
 

@@ -243,3 +243,27 @@ def test_a_bad_environment_declaration_fails_before_any_work(tmp_path, capsys, s
                      "--out", str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_claude_as_the_agent_and_the_expert_costs_are_per_task(tmp_path, monkeypatch, sandbox_ready):
+    from tests.anthropic_server import AnthropicTestServer, Reply
+
+    def respond(body):
+        if "You review how" in body["system"]:                        # the hidden judge
+            return Reply(text='{"warranted": 1, "followed": 1}')
+        if "tools" not in body:                                       # the expert
+            return Reply(text="Look at the loop bound.", input_tokens=1000, output_tokens=100)
+        if len(body["messages"]) == 1:                                # the agent: ask, then submit
+            return Reply(tool_uses=[("ask_expert", {"question": "Where is the bug?"})])
+        return Reply(tool_uses=[("submit", {})])
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key")
+    with AnthropicTestServer(responder=respond) as server:
+        assert main(["--tasks", str(TASKS), "--policy", "anthropic", "--expert", "anthropic", "--limit", "1",
+                     "--anthropic-base-url", server.base_url, "--backend", "sandbox", "--out", str(tmp_path)]) == 0
+    [r] = json.loads((tmp_path / "results.json").read_text())["instances"]
+    assert r["termination"] == "submitted" and r["steps"] == 2 and r["expert_calls"] == 1 and not r["resolved"]
+    assert 0 < r["policy_cost_usd"] < r["expert_cost_usd"]
+    assert r["cost_usd"] == pytest.approx(r["policy_cost_usd"] + r["expert_cost_usd"])
+    assert r["judge_cost_usd"] > 0
+    assert "sk-ant-test-not-a-real-key" not in "".join(p.read_text() for p in tmp_path.rglob("*.json*"))
