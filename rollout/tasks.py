@@ -3,13 +3,15 @@ JSON / JSONL / parquet files, and the bundled task set in data/tasks/.
 
 A bundled task is a directory: repo/ (the files at the base commit), gold/ and tests/ (files the fix and
 the new tests overwrite or add), wrong/ (a plausible fix that is wrong, a negative for tests), task.json
-(instance_id, FAIL_TO_PASS, PASS_TO_PASS) and issue.md. `python -m rollout.tasks` turns them into
+(instance_id, FAIL_TO_PASS, PASS_TO_PASS, optionally environment: see EnvSpec) and issue.md. `python -m rollout.tasks` turns them into
 data/tasks/instances.jsonl: the repo is committed with fixed author, committer and dates, so the base
 commit hash is reproducible, and the patches are `git diff`s against it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,10 @@ from rewards.patches import new_files, patch_files, reverse_patch
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 BUNDLED_JSONL = BUNDLED_DIR / "instances.jsonl"
+# Real upstream bug fixes (released projects' own code and tests), in the same layout: a set of their own,
+# apart from the built-in default.
+UPSTREAM_DIR = BUNDLED_DIR / "upstream"
+UPSTREAM_JSONL = UPSTREAM_DIR / "instances.jsonl"
 TEST_COMMAND = "python3 -m pytest -rA -p no:cacheprovider"
 
 # Fixed identity and dates: the same files always give the same base commit hash.
@@ -38,6 +44,89 @@ _GIT_ENV = {
 
 class TaskFormatError(ValueError):
     """A task file or row that cannot be used; the message names the file, the instance and the field."""
+
+
+DEFAULT_PYTHON = "3.11"
+DEFAULT_TEST_PACKAGES = ("pytest==8.3.5",)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A task's environment, declared as SWE-bench's specs do: the Python version, the packages its tests
+    need (pip requirements, from the package index), commands before and for installing the repository
+    (run in its root, offline, with pip finding only the declared packages' wheels) and the test command.
+    Docker bakes it into the task image; the sandbox builds a virtual environment from it (cached by
+    `key`). Both put the environment's interpreter first on PATH."""
+    python: str = DEFAULT_PYTHON
+    packages: tuple[str, ...] = DEFAULT_TEST_PACKAGES
+    pre_install: tuple[str, ...] = ()
+    install: str = ""
+    test_cmd: str = ""
+
+    @property
+    def test_command(self) -> str:
+        return self.test_cmd or TEST_COMMAND
+
+    @property
+    def key(self) -> str:
+        """What the virtual environment holds (interpreter and packages): the cache key of a built one."""
+        return hashlib.sha256(json.dumps([self.python, sorted(self.packages)]).encode()).hexdigest()[:16]
+
+    @property
+    def setup_commands(self) -> tuple[str, ...]:
+        return self.pre_install + ((self.install,) if self.install else ())
+
+    def to_dict(self) -> dict:
+        return {"python": self.python, "packages": list(self.packages), "pre_install": list(self.pre_install),
+                "install": self.install, "test_cmd": self.test_cmd}
+
+
+_FIELDS = ("python", "packages", "pip_packages", "pre_install", "install", "test_cmd")
+
+
+def parse_env_spec(value, where: str) -> EnvSpec:
+    """An EnvSpec from a row's or task.json's `environment` (an object, or its JSON text); SWE-bench's
+    spelling is accepted: `pip_packages` (a list) and `packages` (a list, or a space-separated string)."""
+    def error(field: str, problem: str) -> TaskFormatError:
+        return TaskFormatError(f"{where}: field 'environment.{field}': {problem}" if field
+                               else f"{where}: field 'environment': {problem}")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise error("", f"not a JSON object: {value[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise error("", f"expected an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(_FIELDS))
+    if unknown:
+        raise error(unknown[0], f"unknown (known: {', '.join(_FIELDS)})")
+
+    def strings(field: str) -> tuple[str, ...]:
+        v = value.get(field, [])
+        if isinstance(v, str) and field == "packages":
+            v = v.split()
+        if isinstance(v, str) and field == "pre_install":
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+            raise error(field, "expected a list of non-empty strings")
+        return tuple(v)
+
+    python = value.get("python", DEFAULT_PYTHON)
+    if isinstance(python, (int, float)) and not isinstance(python, bool):
+        python = str(python)
+    if not isinstance(python, str) or not re.fullmatch(r"3\.\d+", python):
+        raise error("python", f"expected a version like \"3.11\", got {python!r}")
+    packages = strings("packages") + strings("pip_packages")
+    if any(p.startswith("-") for p in packages):
+        raise error("packages", "options are not packages (one requirement per entry)")
+    test_cmd = value.get("test_cmd", "")
+    if isinstance(test_cmd, list) and len(test_cmd) == 1:
+        test_cmd = test_cmd[0]
+    for field, v in (("install", value.get("install", "")), ("test_cmd", test_cmd)):
+        if not isinstance(v, str):
+            raise error(field, f"expected a string, got {type(v).__name__}")
+    return EnvSpec(python=python, packages=packages or DEFAULT_TEST_PACKAGES, pre_install=strings("pre_install"),
+                   install=value.get("install", ""), test_cmd=test_cmd)
 
 
 @dataclass(frozen=True)
@@ -57,6 +146,11 @@ class Task:
     version: str = ""
     hints_text: str = ""
     source: str | None = None     # bundled tasks: directory holding the repository's files at base_commit
+    environment: EnvSpec | None = None  # None: the image is used as it is (Docker), the default spec (sandbox)
+
+    @property
+    def env_spec(self) -> EnvSpec:
+        return self.environment or EnvSpec()
 
     def swebench_instance(self) -> dict:
         """The row as swebench's make_test_spec wants it."""
@@ -95,6 +189,10 @@ def load_tasks(path: str | os.PathLike, format: str = "auto", image_namespace: s
 
 def bundled_tasks() -> list[Task]:
     return load_tasks(BUNDLED_JSONL)
+
+
+def upstream_tasks() -> list[Task]:
+    return load_tasks(UPSTREAM_JSONL)
 
 
 def _read_rows(path: Path) -> list:
@@ -195,10 +293,12 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
     eval_type = r.text("eval_type", required=False) or EvalType.PASS_AND_FAIL.value
     if eval_type not in {t.value for t in EvalType}:
         raise r.error("eval_type", f"unknown eval type {eval_type!r}")
+    environment = parse_env_spec(row["environment"], r.where) if row.get("environment") is not None else None
     eval_script = r.text("eval_script", required=False)
     if not eval_script:
         test_files = patch_files(test_patch) or sorted({t.split("::")[0] for t in fail_to_pass + pass_to_pass})
-        eval_script = default_eval_script(base_commit, test_patch, test_files)
+        eval_script = default_eval_script(base_commit, test_patch, test_files,
+                                          (environment or EnvSpec()).test_command)
     elif START_TEST_OUTPUT not in eval_script or END_TEST_OUTPUT not in eval_script:
         raise r.error("eval_script", f"does not echo the markers {START_TEST_OUTPUT!r} and {END_TEST_OUTPUT!r}")
     source = r.text("source", required=False)
@@ -210,7 +310,7 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
                 problem_statement=r.text("problem_statement"), patch=patch, test_patch=test_patch,
                 fail_to_pass=fail_to_pass, pass_to_pass=pass_to_pass, image=image, eval_script=eval_script,
                 log_parser=log_parser, eval_type=eval_type, version=r.text("version", required=False),
-                hints_text=r.text("hints_text", required=False), source=source or None)
+                hints_text=r.text("hints_text", required=False), source=source or None, environment=environment)
 
 
 def swebench_image_name(instance_id: str, namespace: str = "swebench") -> str:
@@ -296,6 +396,7 @@ def _overlay_diff(repo: str, base: str, overlay: Path) -> str:
 def bundled_instance(task_dir: Path) -> dict:
     """The instance row of one bundled task directory."""
     meta = json.loads((task_dir / "task.json").read_text())
+    spec = parse_env_spec(meta.get("environment", {}), str(task_dir / "task.json"))
     with tempfile.TemporaryDirectory(prefix="protege-task-") as tmp:
         repo = os.path.join(tmp, "repo")
         base = _commit_base(str(task_dir / "repo"), repo)
@@ -308,8 +409,9 @@ def bundled_instance(task_dir: Path) -> dict:
         "patch": patch, "test_patch": test_patch,
         "FAIL_TO_PASS": meta["FAIL_TO_PASS"], "PASS_TO_PASS": meta["PASS_TO_PASS"],
         "version": "1.0", "environment_setup_commit": base,
-        "image": f"protege/task.{task_dir.name}:{base[:12]}",
-        "eval_script": default_eval_script(base, test_patch, patch_files(test_patch)),
+        "image": f"protege/task.{task_dir.name}:{base[:12]}-{spec.key[:8]}",  # a new environment, a new tag
+        "eval_script": default_eval_script(base, test_patch, patch_files(test_patch), spec.test_command),
+        "environment": spec.to_dict(),
         "log_parser": "parse_log_pytest", "eval_type": EvalType.PASS_AND_FAIL.value,
         "source": f"{task_dir.name}/repo", "wrong_patch": wrong_patch,
     }
@@ -320,6 +422,7 @@ def bundled_rows(directory: Path = BUNDLED_DIR) -> list[dict]:
 
 
 if __name__ == "__main__":
-    rows = bundled_rows()
-    BUNDLED_JSONL.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {len(rows)} tasks to {BUNDLED_JSONL}", file=sys.stderr)
+    for directory, path in ((BUNDLED_DIR, BUNDLED_JSONL), (UPSTREAM_DIR, UPSTREAM_JSONL)):
+        rows = bundled_rows(directory)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} tasks to {path}", file=sys.stderr)

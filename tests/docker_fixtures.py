@@ -65,10 +65,10 @@ def docker_client():
 
 @pytest.fixture(scope="session")
 def bundled_images(docker_client):
-    """The bundled tasks, with their images built (cached: existing images are kept). The base image is
+    """The bundled and the upstream tasks, with their images built (cached: existing images are kept). The base image is
     bootstrapped with debootstrap (root) unless PROTEGE_BASE_IMAGE names a registry image to build on."""
     from rollout.envs.images import build_images
-    from rollout.tasks import bundled_tasks
+    from rollout.tasks import bundled_tasks, upstream_tasks
     base = os.environ.get("PROTEGE_BASE_IMAGE", "debootstrap")
     if base == "debootstrap" and (shutil.which("debootstrap") is None or os.geteuid() != 0):
         from rollout.envs.images import base_image_name
@@ -77,7 +77,7 @@ def bundled_images(docker_client):
         except Exception:
             pytest.skip("no base image: debootstrap needs root and apt-get install debootstrap "
                         "(or set PROTEGE_BASE_IMAGE to a registry image such as python:3.11-slim)")
-    tasks = bundled_tasks()
+    tasks = bundled_tasks() + upstream_tasks()
     build_images(tasks, base=base, client=docker_client, log=lambda message: None)
     return {task.instance_id: task for task in tasks}
 

@@ -193,3 +193,36 @@ def test_home_directories_are_hidden_but_tools_still_run(env):
         assert env.run("python3 -c 'print(6 * 7)'").output.strip() == "42"  # the interpreter is still there
     finally:
         os.remove(secret)
+
+
+def test_engine_in_a_venv_under_tmp_with_a_bare_path_still_grades(tmp_path, sandbox_ready):
+    """The sandbox's /tmp is empty, so an engine installed under /tmp is out of its sight: the tests must run
+    with the task's own environment, whatever PATH and interpreter the engine has."""
+    import json
+    import site
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    engine = tmp_path / "engine-venv"
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(engine)],
+                   check=True)
+    (next(engine.glob("lib/python*/site-packages")) / "engine_deps.pth").write_text(site.getsitepackages()[0] + "\n")
+    script = textwrap.dedent("""
+        import json, shutil, sys
+        from rollout.evaluate import evaluate_patch
+        from rollout.tasks import bundled_tasks
+        out = {"python": sys.executable, "python3_on_path": shutil.which("python3")}
+        for task in bundled_tasks()[:2]:
+            out[task.instance_id] = [evaluate_patch(task, p, backend="sandbox").resolved for p in (task.patch, "")]
+        print(json.dumps(out))
+    """)
+    env = {"PATH": f"{engine}/bin:/usr/bin", "PYTHONPATH": str(root), "HOME": os.environ.get("HOME", "/root")}
+    if "PROTEGE_CACHE" in os.environ:
+        env["PROTEGE_CACHE"] = os.environ["PROTEGE_CACHE"]
+    done = subprocess.run([str(engine / "bin/python"), "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out.pop("python").startswith(str(tmp_path)) and out.pop("python3_on_path").startswith(str(tmp_path))
+    assert out == {t.instance_id: [True, False] for t in bundled_tasks()[:2]}

@@ -1,4 +1,4 @@
-"""R_correct on every bundled task, in real containers and in the bubblewrap sandbox: the gold patch
+"""R_correct on every bundled and upstream task, in real containers and in the bubblewrap sandbox: the gold patch
 resolves each task, while an empty patch and a plausible wrong fix resolve none; the grading of patches
 that do not apply, rewrite the tests, or hang."""
 import json
@@ -6,15 +6,20 @@ import json
 import pytest
 
 from rollout.evaluate import evaluate_patch, evaluate_patches
-from rollout.tasks import BUNDLED_JSONL, bundled_tasks
+from rollout.tasks import BUNDLED_JSONL, UPSTREAM_JSONL, bundled_tasks, upstream_tasks
 
-ROWS = {row["instance_id"]: row for row in map(json.loads, BUNDLED_JSONL.read_text().splitlines())}
-TASKS = {task.instance_id: task for task in bundled_tasks()}
+# The upstream set: a released project's own code and tests, whose pytest configuration needs a plugin
+# (pytest-cov) and whose package has an install step -- graded only through the task's declared environment.
+ROWS = {row["instance_id"]: row for path in (BUNDLED_JSONL, UPSTREAM_JSONL)
+        for row in map(json.loads, path.read_text().splitlines())}
+TASKS = {task.instance_id: task for task in bundled_tasks() + upstream_tasks()}
+STATUS: dict[tuple[str, str], list[dict]] = {}   # (backend, instance) -> test statuses of gold, empty, wrong
 
 
 def check_gold_empty_wrong(task, **options):
     # One environment for the three (reset in between), then each result on its own.
     gold, empty, wrong = evaluate_patches(task, [task.patch, "", ROWS[task.instance_id]["wrong_patch"]], **options)
+    STATUS[options["backend"], task.instance_id] = [r.tests_status for r in (gold, empty, wrong)]
     assert gold.resolved, gold.log_tail
     assert gold.fail_to_pass == {"success": list(task.fail_to_pass), "failure": []}
     assert gold.pass_to_pass == {"success": list(task.pass_to_pass), "failure": []}
@@ -38,6 +43,17 @@ def test_docker_gold_resolves_empty_and_wrong_do_not(instance_id, bundled_images
 @pytest.mark.parametrize("instance_id", sorted(TASKS))
 def test_sandbox_gold_resolves_empty_and_wrong_do_not(instance_id, sandbox_ready):
     check_gold_empty_wrong(TASKS[instance_id], backend="sandbox")
+
+
+def test_both_backends_give_the_same_test_results():
+    """Both run the task's declared environment (the same Python and packages): every test of every bundled
+    task ends the same way under the gold, the empty and the wrong patch (the tests above fill STATUS)."""
+    both = [i for i in TASKS if ("docker", i) in STATUS and ("sandbox", i) in STATUS]
+    if not both:
+        pytest.skip("needs the Docker and the sandbox runs above (Docker unavailable or deselected)")
+    for i in both:
+        assert STATUS["docker", i] == STATUS["sandbox", i], i
+        assert all(STATUS["docker", i][0].values())
 
 
 def test_wrong_patches_fail_in_both_ways(sandbox_ready):

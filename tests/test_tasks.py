@@ -35,8 +35,10 @@ def swesmith_row(row):
 
 def test_bundled_set_is_up_to_date():
     """instances.jsonl is what the sources in data/tasks/ generate, base commits included (they are
-    reproducible: fixed author, committer and dates)."""
+    reproducible: fixed author, committer and dates); the same for the upstream set."""
+    from rollout.tasks import UPSTREAM_DIR, UPSTREAM_JSONL
     assert bundled_rows() == ROWS
+    assert bundled_rows(UPSTREAM_DIR) == [json.loads(line) for line in UPSTREAM_JSONL.read_text().splitlines()]
 
 
 def test_bundled_set_shape():
@@ -48,7 +50,7 @@ def test_bundled_set_shape():
         assert {t.split("::")[0] for t in task.fail_to_pass + task.pass_to_pass} <= set(test_files)
         assert all(f.startswith("tests/") for f in test_files)
         assert not any(f.startswith("tests/") for f in patch_files(task.patch + row["wrong_patch"]))
-        assert task.image.endswith(":" + task.base_commit[:12]) and os.path.isdir(task.source)
+        assert task.image.endswith(f":{task.base_commit[:12]}-{task.env_spec.key[:8]}") and os.path.isdir(task.source)
     assert any(len(patch_files(t.patch)) > 1 for t in tasks)           # multi-file fixes
     assert any("new file mode" in t.patch for t in tasks)              # a fix that adds a module
     assert any("new file mode" in t.test_patch for t in tasks)         # a new test file
@@ -202,3 +204,20 @@ def test_bad_files(tmp_path):
         load_tasks(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="unknown task format"):
         load_tasks(tmp_path / "a.jsonl", format="swe-fancy")
+
+
+def test_environment_declarations_as_swebench_spells_them():
+    from rollout.tasks import EnvSpec, TaskFormatError, parse_env_spec
+    spec = parse_env_spec({"python": 3.9, "packages": "pytest==8.3.5 pytest-cov", "pip_packages": ["attrs"],
+                           "pre_install": "apt-get -v", "install": "pip install -e .", "test_cmd": ["pytest -rA"]}, "t")
+    assert spec == EnvSpec("3.9", ("pytest==8.3.5", "pytest-cov", "attrs"), ("apt-get -v",), "pip install -e .",
+                           "pytest -rA")
+    assert spec.setup_commands == ("apt-get -v", "pip install -e .") and spec.test_command == "pytest -rA"
+    assert parse_env_spec("{}", "t") == EnvSpec() and EnvSpec().key == parse_env_spec({}, "t").key
+    assert EnvSpec(packages=("a", "b")).key == EnvSpec(packages=("b", "a")).key != EnvSpec(packages=("a",)).key
+    for value, message in (({"python": "three"}, "'environment.python': expected a version"),
+                           ({"packages": [""]}, "'environment.packages': expected a list of non-empty strings"),
+                           ({"packages": ["--index-url=x"]}, "'environment.packages': options are not packages"),
+                           ({"conda": "x"}, "'environment.conda': unknown"), ([], "'environment': expected an object")):
+        with pytest.raises(TaskFormatError, match=message):
+            parse_env_spec(value, "tasks.jsonl: row 1")

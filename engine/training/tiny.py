@@ -15,11 +15,12 @@ from engine.tokenizer import Tokenizer, train_bpe_tokenizer
 def tokenizer_corpus() -> list[str]:
     from rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
     from rollout.agent.tools import TOOLS
-    from rollout.tasks import BUNDLED_DIR, bundled_tasks
+    from rollout.tasks import BUNDLED_DIR, UPSTREAM_DIR, bundled_tasks
     texts = [SYSTEM_PROMPT, TASK_PROMPT, json.dumps(TOOLS)]
     for task in bundled_tasks():
         texts += [task.problem_statement, task.patch, task.test_patch]
-    texts += [p.read_text(errors="replace") for p in sorted(BUNDLED_DIR.rglob("*.py"))]
+    texts += [p.read_text(errors="replace") for p in sorted(BUNDLED_DIR.rglob("*.py"))
+              if UPSTREAM_DIR not in p.parents]   # the default set's own files only
     return texts
 
 

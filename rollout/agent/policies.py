@@ -8,6 +8,7 @@
 return the generated token ids and their log-probs, which the trajectory keeps verbatim."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from dataclasses import dataclass, replace
@@ -141,6 +142,12 @@ class SamplerPolicy:
         self.params = replace(params, n=1, logprobs=True, on_context_overflow="finish")
         self._own_server = not isinstance(sampler, SamplerServer)
         self.server = SamplerServer(sampler) if self._own_server else sampler
+
+    def with_seed(self, seed: int) -> SamplerPolicy:
+        """This policy (same server, same batch) for one more trajectory, drawing from `seed`."""
+        seeded = copy.copy(self)
+        seeded.seed, seeded._turn, seeded._own_server = seed, 0, False
+        return seeded
 
     def act(self, messages: list[dict], conversation, max_new_tokens: int) -> Turn:
         prompt = conversation.ids + conversation.generation_prompt

@@ -42,7 +42,7 @@ class Environment(Protocol):
 
 DEFAULT_TIMEOUT = 120.0       # seconds per command
 DEFAULT_OUTPUT_CAP = 64_000   # bytes of command output kept (head and tail)
-DIFF_EXCLUDES = ("**/__pycache__/**", "**/*.pyc", "**/.pytest_cache/**")  # test-run litter, never a change
+DIFF_EXCLUDES = ("**/__pycache__/**", "**/*.pyc", "**/.pytest_cache/**", "**/.coverage", "**/.coverage.*")  # test-run litter
 
 
 class OutputBuffer:

@@ -1,5 +1,8 @@
-"""Docker images for tasks: one base image (Python 3, pytest, git, patch) and one image per task with the
-repository at its base commit in /testbed.
+"""Docker images for tasks: one base image (Python 3, pytest, git, patch), one image per environment
+declaration (rollout.tasks.EnvSpec: a virtual environment with the declared packages, installed offline
+from wheels downloaded here), and one image per task with the repository at its base commit in /testbed
+and the declaration's pre-install and install commands run. A task image that exists locally and is not
+built here (a swebench/sweb.eval.* image) is used as it is.
 
 The base comes either from a registry image where pulls work (e.g. python:3.11-slim) or, on machines that
 reach only the Debian mirrors, from debootstrap (`tar | docker import`). Images are built with the plain
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +21,8 @@ import tempfile
 import docker
 import docker.errors
 
-from rollout.tasks import Task, materialize_repo
+from rollout.envs import pyenv
+from rollout.tasks import EnvSpec, Task, materialize_repo
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "python3-pytest", "git", "patch")
@@ -28,6 +33,7 @@ REGISTRY_SETUP = ("RUN apt-get update -qq && apt-get install -y -qq --no-install
 DEBOOTSTRAP_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
                      "usr/share/locale", "usr/share/info")
 BASE_LABEL = "protege.base"
+ENV_DIR, ENV_WHEELS = "/opt/protege-env", "/opt/protege-wheels"   # the task's environment in its image
 
 
 def _short_hash(*parts: str) -> str:
@@ -97,33 +103,75 @@ def _import_debootstrap(client: docker.DockerClient, name: str, log) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, log=print) -> str:
-    """Build task.image (repo at its base commit in /testbed) on `base_image` unless it exists on that base.
-
-    Only bundled tasks (task.source set) can be built here; other tasks name prebuilt images."""
-    base_id = client.images.get(base_image).id
+def _build(client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, str], labels: dict) -> None:
+    """docker build of `dockerfile` with `files` (context name -> host path) in its context."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for arcname, path in files.items():
+            tar.add(path, arcname=arcname)
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile.encode())
+        tar.addfile(info, io.BytesIO(dockerfile.encode()))
+    context.seek(0)
     try:
-        if client.images.get(task.image).labels.get(BASE_LABEL) == base_id:
+        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True, labels=labels)
+    except docker.errors.BuildError as e:
+        log = "".join(chunk.get("stream", "") or chunk.get("error", "") for chunk in e.build_log)
+        raise RuntimeError(f"building {tag} failed: {e.msg}\n{log[-3000:]}") from None
+
+
+def _run(command: str) -> str:
+    """A Dockerfile RUN line for a bash command (exec form: no second round of shell quoting)."""
+    return "RUN " + json.dumps(["bash", "-c", command])
+
+
+def ensure_env_image(client: docker.DockerClient, spec: EnvSpec, base_image: str, log=print) -> str:
+    """The base image plus the environment's virtual environment (/opt/protege-env, first on PATH) with its
+    packages, installed offline from their wheelhouse (downloaded here); one image per declaration."""
+    base_id = client.images.get(base_image).id
+    name = f"protege/env:{spec.key}-{base_id.split(':')[-1][:12]}"
+    if _exists(client, name):
+        return name
+    wheels = pyenv.wheelhouse(spec, log)
+    log(f"building {name} (Python {spec.python}: {' '.join(spec.packages)})")
+    check = (f"command -v python{spec.python} >/dev/null || {{ echo \"environment.python {spec.python}: the base "
+             f"image {base_image} has no python{spec.python} (it has $(python3 --version 2>&1))\"; exit 1; }}")
+    dockerfile = "\n".join([
+        f"FROM {base_image}", f"COPY wheels {ENV_WHEELS}",
+        _run(check + " && " + pyenv.venv_commands(spec, ENV_DIR, ENV_WHEELS, pyenv.pip_wheel(wheels).name)),
+        f"ENV PATH={ENV_DIR}/bin:$PATH VIRTUAL_ENV={ENV_DIR} " + " ".join(
+            f"{k}={v}" for k, v in pyenv.offline_pip_env(ENV_WHEELS).items()), ""])
+    _build(client, name, dockerfile, {"wheels": str(wheels)}, {BASE_LABEL: base_id})
+    return name
+
+
+def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, log=print) -> str:
+    """Build task.image on `base_image` unless it exists on it: the task's environment (ensure_env_image),
+    the repository at its base commit in /testbed, then the environment's pre-install and install commands.
+
+    Only bundled tasks (task.source set) are built here; any other task's image (a swebench image, say) is
+    used as it is when present locally."""
+    if task.source is None:
+        if _exists(client, task.image):
+            return task.image
+        raise RuntimeError(f"{task.instance_id}: image {task.image!r} does not exist and the task has no "
+                           "bundled source to build it from")
+    spec = task.env_spec
+    env_image = ensure_env_image(client, spec, base_image, log)
+    env_id = client.images.get(env_image).id
+    try:
+        if client.images.get(task.image).labels.get(BASE_LABEL) == env_id:
             return task.image
     except docker.errors.ImageNotFound:
         pass
-    if task.source is None:
-        raise RuntimeError(f"{task.instance_id}: image {task.image!r} does not exist and the task has no "
-                           "bundled source to build it from")
     log(f"building {task.image}")
-    context = io.BytesIO()
+    lines = [f"FROM {env_image}", "COPY testbed /testbed", "WORKDIR /testbed", "ENV PYTHONDONTWRITEBYTECODE=1"]
+    if spec.setup_commands:
+        lines.append(_run(" && ".join(f"( {c} )" for c in spec.setup_commands) + " && " + pyenv.EXCLUDE_INSTALL_LITTER))
     with tempfile.TemporaryDirectory(prefix="protege-ctx-") as tmp:
         materialize_repo(task, os.path.join(tmp, "testbed"))
-        dockerfile = (f"FROM {base_image}\nCOPY testbed /testbed\nWORKDIR /testbed\n"
-                      "ENV PYTHONDONTWRITEBYTECODE=1\n")
-        with tarfile.open(fileobj=context, mode="w") as tar:
-            tar.add(os.path.join(tmp, "testbed"), arcname="testbed")
-            info = tarfile.TarInfo("Dockerfile")
-            info.size = len(dockerfile)
-            tar.addfile(info, io.BytesIO(dockerfile.encode()))
-    context.seek(0)
-    client.images.build(fileobj=context, custom_context=True, tag=task.image, rm=True, forcerm=True,
-                        labels={BASE_LABEL: base_id})
+        _build(client, task.image, "\n".join(lines) + "\n", {"testbed": os.path.join(tmp, "testbed")},
+               {BASE_LABEL: env_id})
     return task.image
 
 

@@ -1,8 +1,11 @@
 """The local sandbox environment, for machines without Docker: a copy of the repository in a temporary
 workspace, every command run under bubblewrap (read-only system, writable workspace, private /tmp and /run,
 home directories hidden, no capabilities, no network, own PID namespace). Without a working bwrap it refuses
-to run anything: model-written commands never run unsandboxed. Commands use the host's tools (python3 and
-pytest on PATH)."""
+to run anything: model-written commands never run unsandboxed. Python is the task's environment (its
+declaration, rollout.tasks.EnvSpec): a virtual environment built from it once (rollout.envs.pyenv), mounted
+at /tmp/protege-env and first on PATH, then /usr/local/bin, /usr/bin, /bin for the system's tools -- never
+the engine's own interpreter or the host's PATH. Its pre-install and install commands run in each fresh
+workspace, on a copy of the environment."""
 from __future__ import annotations
 
 import errno
@@ -13,9 +16,10 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
+from pathlib import Path
 
+from rollout.envs.pyenv import EXCLUDE_INSTALL_LITTER
 from rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
 from rollout.tasks import Task, materialize_repo
 
@@ -42,14 +46,14 @@ def _check_bwrap() -> str:
 _RUNTIME_DIRS = tuple(path for path in ("/run", "/var/run") if os.path.isdir(path) and not os.path.islink(path))
 
 # Home directories hold the host's secrets (keys, shell history, tokens): hidden behind empty tmpfs, except
-# the tool installations commands need that live there (a pyenv Python, a venv's base interpreter, cargo...):
-# the top-level directory under the home of every PATH entry and Python prefix is mounted back read-only.
+# the tool installations commands need that live there (the environment's base interpreter from pyenv...):
+# the top-level directory under the home of each such path is mounted back read-only.
 _HOMES = tuple(path for path in ("/root", "/home") if os.path.isdir(path) and not os.path.islink(path))
 
 
 def _tool_dirs(path_variable: str) -> list[str]:
     keep = set()
-    for entry in [*path_variable.split(os.pathsep), sys.prefix, sys.base_prefix]:
+    for entry in path_variable.split(os.pathsep):
         real = os.path.realpath(entry) if entry else ""
         for home in _HOMES:
             if real.startswith(home + os.sep):
@@ -60,9 +64,42 @@ def _tool_dirs(path_variable: str) -> list[str]:
     return sorted(keep)
 
 
-# The host's pytest plugins (hypothesis, ...) belong to the host, not to the task; loading them costs seconds.
+SANDBOX_ENV_DIR = "/tmp/protege-env"          # the task's virtual environment, as commands see it
+SANDBOX_WHEELS_DIR = "/tmp/protege-wheels"    # its wheelhouse (read-only), for offline install steps
+SANDBOX_PATH = f"{SANDBOX_ENV_DIR}/bin:/usr/local/bin:/usr/bin:/bin"
 SANDBOX_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PAGER": "cat",
-               "GIT_PAGER": "cat", "TERM": "dumb", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+               "GIT_PAGER": "cat", "TERM": "dumb", "PATH": SANDBOX_PATH, "VIRTUAL_ENV": SANDBOX_ENV_DIR}
+
+
+def bwrap_argv(bwrap: str, binds: list[tuple[str, str, bool]], env: dict[str, str], chdir: str,
+               command: str, tool_paths: list[str] = ()) -> list[str]:
+    """bubblewrap around `bash -c command`: the system read-only, empty /tmp, /run and home directories,
+    `binds` ((host path, sandbox path, writable)) on top, the tool directories under homes mounted back."""
+    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            *(arg for path in _RUNTIME_DIRS + _HOMES for arg in ("--tmpfs", path)),
+            *(arg for path in _tool_dirs(os.pathsep.join(tool_paths)) for arg in ("--ro-bind", path, path)),
+            "--cap-drop", "ALL",
+            *(arg for host, inside, writable in binds for arg in ("--bind" if writable else "--ro-bind", host, inside)),
+            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--die-with-parent", "--new-session", "--chdir", chdir, "--clearenv",
+            *(arg for name, value in env.items() for arg in ("--setenv", name, value)),
+            "bash", "-c", command]
+
+
+def run_with_binds(binds: list[tuple[str, str, bool]], command: str, tool_paths: list[str]) -> tuple[int, str]:
+    """`command` under bubblewrap with only `binds` (to build an environment, before any workspace)."""
+    argv = bwrap_argv(_check_bwrap(), binds, {**SANDBOX_ENV, "PIP_CONFIG_FILE": os.devnull}, "/tmp", command,
+                      tool_paths)
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def prepare_environment(spec, log=lambda message: None) -> tuple[Path, Path]:
+    """The (virtual environment, wheelhouse) of a declaration, built unless cached: a bad declaration fails
+    here, before any work."""
+    from rollout.envs import pyenv
+    return pyenv.sandbox_venv(spec, run_with_binds, log), pyenv.wheelhouse(spec, log)
+
 
 
 def _open_regular(path: str, flags: int):
@@ -91,22 +128,42 @@ class SandboxEnvironment:
                  timeout: float = DEFAULT_TIMEOUT, output_cap: int = DEFAULT_OUTPUT_CAP,
                  env: dict[str, str] | None = None):
         """repos_dir: where git clones of non-bundled tasks' repositories live, as owner__name.
-        env: the commands' environment variables (PATH is the host's)."""
+        env: the commands' environment variables (default SANDBOX_ENV and offline pip)."""
+        from rollout.envs import pyenv
         self.bwrap = _check_bwrap()
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(SANDBOX_ENV if env is None else env)}
         self.task = task
         self.timeout = timeout
         self.output_cap = output_cap
+        spec = task.env_spec
+        self.env = {**SANDBOX_ENV, **pyenv.offline_pip_env(SANDBOX_WHEELS_DIR)} if env is None else dict(env)
+        venv, wheels = prepare_environment(spec)
         self.root = tempfile.mkdtemp(prefix="protege-ws-", dir=workdir)
         self.host_repo_dir = os.path.join(os.path.realpath(self.root), "repo")  # the same files, seen from here
+        # The base interpreter the environment's python links to (a pyenv one lives under /root).
+        self.tool_paths = [os.path.dirname(os.path.realpath(venv / "bin" / "python"))]
         try:
+            if spec.setup_commands:   # the install step writes into the environment: a copy of its own
+                shutil.copytree(venv, os.path.join(self.root, "env"), symlinks=True)
+                venv = os.path.join(self.root, "env")
+            self.binds = [(str(venv), SANDBOX_ENV_DIR, bool(spec.setup_commands)),
+                          (str(wheels), SANDBOX_WHEELS_DIR, False), (self.host_repo_dir, self.repo_dir, True)]
             if task.source is not None:
                 materialize_repo(task, self.host_repo_dir)
             else:
                 self._clone(repos_dir)
+            for command in spec.setup_commands:
+                done = self._run(command, 1800, 20_000)
+                if done.exit_code != 0:
+                    raise RuntimeError(f"{task.instance_id}: environment command {command!r} failed "
+                                       f"(exit {done.exit_code}): {done.output[-2000:]}")
+            if spec.setup_commands:
+                done = self._run(EXCLUDE_INSTALL_LITTER, 60, 20_000)
+                if done.exit_code != 0:
+                    raise RuntimeError(f"{task.instance_id}: cannot exclude install files: {done.output[-2000:]}")
         except BaseException:
             self.close()
             raise
+
 
     def _clone(self, repos_dir: str | None) -> None:
         source = os.path.join(repos_dir or "", self.task.repo.replace("/", "__"))
@@ -127,15 +184,7 @@ class SandboxEnvironment:
         self.close()
 
     def _argv(self, command: str) -> list[str]:
-        ws = self.repo_dir
-        return [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                *(arg for path in _RUNTIME_DIRS + _HOMES for arg in ("--tmpfs", path)),
-                *(arg for path in _tool_dirs(self.env["PATH"]) for arg in ("--ro-bind", path, path)),
-                "--cap-drop", "ALL",
-                "--bind", self.host_repo_dir, ws, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                "--die-with-parent", "--new-session", "--chdir", ws, "--clearenv",
-                *(arg for name, value in self.env.items() for arg in ("--setenv", name, value)),
-                "bash", "-c", command]
+        return bwrap_argv(self.bwrap, self.binds, self.env, self.repo_dir, command, self.tool_paths)
 
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
         return self._run(command, self.timeout if timeout is None else timeout, self.output_cap)
