@@ -178,6 +178,8 @@ def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_pa
     from rollout.envs.docker import LABEL
     from rollout.tasks import BUNDLED_JSONL
     rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
+    for row in rows:   # a task's source directory is relative to its task file
+        row["source"] = str((BUNDLED_JSONL.parent / row["source"]).resolve())
     rows[1]["image"] = "protege/no-such-image:latest"
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))

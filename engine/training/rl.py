@@ -213,7 +213,9 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 if rl.mask_truncated and r.trajectory.termination in TRUNCATED:
                     masked += 1
                     continue
-                samples.append(_sample(r.trajectory, a))
+                sample = _sample(r.trajectory, a)
+                if sample.rows:   # a trajectory whose environment never started has no policy token to train
+                    samples.append(sample)
 
         t_train = time.perf_counter()
         train_stats = _update(cfg, runtime, root, reference, optimizer, scheduler, samples, model)
