@@ -95,7 +95,8 @@ def test_three_steps_write_every_metric_rollout_and_checkpoint(one_rank):
 
 def test_two_ranks_give_the_rollouts_and_losses_of_one(models, one_rank, tmp_path):
     out = tmp_path / "two"
-    done = run(TORCHRUN + overrides(models, out))
+    # The reference's shards in CPU memory (FSDP2 CPU offload) here: the same results as kept on the device.
+    done = run(TORCHRUN + overrides(models, out, "rl.reference_offload=true"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in (1, 2, 3):
         one, two = rollouts(one_rank, step), rollouts(out, step)

@@ -94,6 +94,7 @@ class RLSection:
     eps_high: float = 0.28
     kl_coef: float = 0.0            # 0: no reference model is loaded
     reference: str = ""             # the frozen reference (default: model.path, the SFT checkpoint)
+    reference_offload: bool = False  # its shards in CPU memory, brought to the GPU a layer at a time
     mini_batches: int = 1           # optimizer steps per RL step
     recompute_logprobs: bool = True   # fast mode: old log-probs from the trainer (exact mode: the sampler's)
     tis_cap: float = 2.0            # truncated importance weight on trainer/sampler probability (0: off)

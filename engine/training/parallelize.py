@@ -32,26 +32,30 @@ def apply_activation_checkpointing(model: Qwen2ForCausalLM) -> None:
 RESHARD_ATTR = "_protege_reshard_after_forward"   # training's setting, restored when rollout mode ends
 
 
-def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dtype: torch.dtype) -> None:
+def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dtype: torch.dtype,
+          offload: bool = False) -> None:
     """FSDP2: one parameter group per decoder layer, the rest (embedding, final norm, head) in the root's.
     Parameters keep their stored dtype (the fp32 master copy); compute runs in `compute_dtype` and gradients
-    are reduced in fp32."""
+    are reduced in fp32. offload: the shards live in CPU memory and each group is brought to the device for
+    its forward (a frozen reference model that must not hold GPU memory)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    where = CPUOffloadPolicy(pin_memory=runtime.device.type == "cuda") if offload else OffloadPolicy()
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again first in the backward: keep them gathered.
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1,
+                    offload_policy=where)
         setattr(layer, RESHARD_ATTR, i < len(layers) - 1)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy, offload_policy=where)
     setattr(root, RESHARD_ATTR, True)
 
 
 def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype: torch.dtype,
-                 activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module]
-                 ) -> tuple[Qwen2ForCausalLM, nn.Module]:
+                 activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module],
+                 offload: bool = False) -> tuple[Qwen2ForCausalLM, nn.Module]:
     """The model built on the meta device and sharded first, then filled: rank 0 reads the checkpoint (on the
     CPU) and each rank receives only its shards, so no GPU ever holds the whole model. `wrap(model)` is the FSDP root (the model and its loss)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -61,8 +65,8 @@ def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype:
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     root = wrap(model)
-    shard(root, list(model.model.layers), runtime, compute_dtype)
-    root.to_empty(device=runtime.device)
+    shard(root, list(model.model.layers), runtime, compute_dtype, offload)
+    root.to_empty(device="cpu" if offload else runtime.device)
     full = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).state_dict() if runtime.is_main else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
@@ -82,12 +86,13 @@ def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch
 
 
 def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dtype, runtime: Runtime,
-                         activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module]
-                         ) -> tuple[Qwen2ForCausalLM, nn.Module]:
+                         activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module],
+                         offload: bool = False) -> tuple[Qwen2ForCausalLM, nn.Module]:
     """The model to train and its FSDP root: sharded with FSDP2 when the runtime is (CUDA or torchrun), else
-    plain on the device (then compute and master dtype must agree: mixed precision is FSDP2's)."""
+    plain on the device (then compute and master dtype must agree: mixed precision is FSDP2's; offload, the
+    shards in CPU memory, needs the sharded path and is moot in one CPU process)."""
     if runtime.sharded:
-        return load_sharded(path, dtype, runtime, compute_dtype, activation_checkpointing, wrap)
+        return load_sharded(path, dtype, runtime, compute_dtype, activation_checkpointing, wrap, offload)
     if compute_dtype != dtype:
         raise ConfigError(f"model.compute_dtype={_name(compute_dtype)} differs from model.dtype={_name(dtype)}: "
                           f"mixed precision needs the FSDP path (CUDA or torchrun)")

@@ -285,7 +285,7 @@ def _reference(cfg: TrainConfig, base: str, config: ModelConfig, dtype: torch.dt
                  "num_key_value_heads", "head_dim", "tie_word_embeddings") if getattr(ref_config, k) != getattr(config, k)]
     if mismatch:
         raise ConfigError(f"config: rl.reference = {path!r} has other shapes than the policy: {', '.join(mismatch)}")
-    model, root = build_training_model(path, dtype, dtype, runtime, False, TokenLogprobs)
+    model, root = build_training_model(path, dtype, dtype, runtime, False, TokenLogprobs, cfg.rl.reference_offload)
     model.exact = cfg.model.exact
     for p in root.parameters():
         p.requires_grad_(False)
