@@ -125,7 +125,7 @@ def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.
     shard_files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for names, filename in zip(shards, shard_files):
         tensors = {k: state[k].to("cpu").contiguous() for k in names}
-        _write_atomically(os.path.join(directory, filename),
+        write_atomically(os.path.join(directory, filename),
                           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
@@ -182,7 +182,8 @@ def _open(path: str):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _write_atomically(path: str, write) -> None:
+def write_atomically(path: str, write) -> None:
+    """write(tmp) beside `path`, fsync it, then rename it over `path`: readers see the old or the new file."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -199,10 +200,10 @@ def _write_json(path: str, data: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def _copy_atomically(src: str, dst: str) -> None:
     if os.path.exists(dst) and os.path.samefile(src, dst):
         return
-    _write_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
+    write_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def policy_for(index: int, task, attempt: int):
         if isinstance(shared_policy, SamplerPolicy) and args.seed is not None:
-            return SamplerPolicy(shared_policy.server, shared_policy.params, seed=derive_seed(args.seed, index, attempt))
+            return shared_policy.with_seed(derive_seed(args.seed, index, attempt))
         return shared_policy or ScriptedPolicy(gold_patch_steps(task, SCRIPTED_TEST_COMMAND))
 
     jobs = [Job(task, policy_for(i, task, attempt), attempt) for i, task in enumerate(tasks)

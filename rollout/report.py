@@ -20,6 +20,7 @@ from collections import Counter
 from math import comb
 from pathlib import Path
 
+from engine.checkpoint import write_atomically
 from rollout.agent.trajectory import TERMINATIONS
 
 LOOP_THRESHOLDS = (10, 20, 40)
@@ -88,12 +89,7 @@ def load_run(directory: str | os.PathLike) -> tuple[dict, list[dict]]:
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(str(path), lambda tmp: Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data))
 
 
 # ---------------------------------------------------------------------------------------------- plots

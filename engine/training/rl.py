@@ -39,6 +39,7 @@ from engine.training.runtime import Runtime, all_reduce, barrier
 from engine.training.sft import lr_lambda
 from engine.training.tiny import make_tiny_base
 from rollout.agent.expert import failed_reply
+from rollout.agent.judge import JudgeScores
 from rollout.agent.loop import AgentConfig, Job, run_batch
 from rollout.agent.policies import SamplerPolicy, derive_seed
 from rollout.agent.trajectory import Trajectory
@@ -97,7 +98,6 @@ class NoExpert:
         return failed_reply("no expert in this run")
 
     def judge(self, task, case):
-        from rollout.agent.judge import JudgeScores
         return JudgeScores(None, None, fallback=True, note="no expert")
 
 
@@ -162,8 +162,6 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         stats_before = replace(sampler.stats)
 
         def score(slot: int, sample: int, seed: int, traj: Trajectory) -> Rollout:
-            if traj.resolved is None:
-                traj.resolved = False   # not evaluated: no patch to evaluate (an empty patch resolves nothing)
             breakdown = rewards.score(traj.reward_input(), stage.reward, stage.name)
             return Rollout(slot, sample, seed, traj, breakdown.to_dict())
 
@@ -416,9 +414,8 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
                 sums["logprob_diff_sum"] += float(diff.sum())
                 sums["first_tokens"] += n
                 mismatch_max = max(mismatch_max, float(diff.max()))
-                if k == 0:
-                    sums["first_ratio_dev"] = max(sums["first_ratio_dev"],
-                                                  float((torch.exp(logp.detach() - old_j) - 1).abs().max()))
+                sums["first_ratio_dev"] = max(sums["first_ratio_dev"],
+                                              float((torch.exp(logp.detach() - old_j) - 1).abs().max()))
         grad_norm = torch.nn.utils.clip_grad_norm_(root.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
