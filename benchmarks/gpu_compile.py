@@ -156,6 +156,14 @@ def launches():
                 add(f"paged {name} {dt} d={hd}", paged_attention._paged_attn_kernel, t["launch"], **paged,
                     BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=select, SPLIT=t["split"] is not None,
                     SPLIT_MIN=split_min, MAX_SPLITS=max_splits)
+            # exact mode's decode tiles (exact_decode_block_m): 64 rows on sm_90, 16 on sm_80
+            for cap in ((9, 0), (8, 0)):
+                t = paged_attention.decode_plan(True, torch_dt, hd, 7, True, cap)["decode"]
+                if any(name == f"paged exact decode m{t['block_m']} {dt} d={hd}" for name, *_ in out):
+                    continue   # fp32: one tile on both
+                add(f"paged exact decode m{t['block_m']} {dt} d={hd}", paged_attention._paged_attn_kernel,
+                    t["launch"], **paged, BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=1, SPLIT=False,
+                    SPLIT_MIN=0, MAX_SPLITS=1)
             split_min, max_splits = paged_attention.SPLITS[True]
             add(f"paged merge {dt} d={hd}", paged_attention._merge_pieces_kernel, O=P, O_PART=f32, ML_PART=f32,
                 CU_SEQLENS_Q=i32, CONTEXT_LENS=i32, stride_ot=28 * hd, stride_oh=hd, HEAD_DIM=hd,
@@ -189,14 +197,16 @@ def launches():
 
 def same_mma_groups(arch):
     """Launches that must give the same bits must use one tensor-core instruction (wgmma vs mma.sync, shape):
-    the linear's M tiles exact mode may pick on this architecture, exact paged attention vs the training
-    forward, and the fused log-prob's logits vs head_logits'."""
+    the linear's M tiles exact mode may pick on this architecture, exact paged attention (its prefill and its
+    decode tile on this architecture) vs the training forward, and the fused log-prob's logits vs head_logits'."""
     groups = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         groups.append((f"linear {dt}", [f"linear fwd {dt} m{bm}"
                                         for bm in linear.block_m_choices((arch // 10, arch % 10), torch_dt)]))
         for hd in (128, 64):
-            groups.append((f"paged exact vs attn_fwd {dt} d={hd}", [f"attn_fwd {dt} d={hd}", f"paged exact {dt} d={hd}"]))
+            decode_m = paged_attention.decode_plan(True, torch_dt, hd, 7, True, (arch // 10, arch % 10))["decode"]
+            groups.append((f"paged exact vs attn_fwd {dt} d={hd}", [f"attn_fwd {dt} d={hd}", f"paged exact {dt} d={hd}",
+                                                                     f"paged exact decode m{decode_m['block_m']} {dt} d={hd}"]))
         # The sampler draws from head_logits' z and reports log p as the fused op computes it.
         groups.append((f"token_logprobs z {dt}", [f"tlp_split {dt}", f"tlp_head_logits {dt}"]))
     return groups

@@ -3,8 +3,8 @@
 1. linear: does every M tile give the same bits as the 128-row tile for the same rows, on this device? Tiles
    that compile to another tensor-core instruction (16/32 rows on sm_90: mma.sync instead of wgmma) are kept
    out of kernels.ops.linear.block_m_choices until this says they match.
-2. paged attention, exact mode: decode rows and a prefill chunk equal the training attention's rows bit for bit
-   (bf16, GQA 7:1, head_dim 128).
+2. paged attention, exact mode: decode rows (in exact_decode_block_m's smaller tile: 64 rows on sm_90) and a
+   prefill chunk equal the training attention's rows bit for bit (bf16, GQA 7:1, head_dim 128).
 3. paged attention, fast mode: a decode row's bits do not depend on the batch (split-KV pieces by length).
 4. the sampler's one pass over the LM head: log p from head_logits' stored z equals the fused token_logprobs bit
    for bit (both compiled without multiply-add contraction), alone and in a batch; the Philox row uniforms
