@@ -12,6 +12,9 @@
 // - fork() shares all blocks of a sequence (n samples of one prompt); a write into a shared block copies it
 //   first (copy-on-write), and the caller performs the returned (src, dst) copies on the KV pool.
 // - bump_version() forgets every cached prefix (their KV was computed with older weights).
+// - pack_step() writes a model step's inputs (token ids, positions, KV slots) and the block-table entries the
+//   model runner's device copy lacks into one host buffer: the runner's per-step host work is one call.
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <list>
@@ -22,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -62,7 +66,9 @@ struct Seq {
   std::vector<int32_t> tokens;
   std::vector<int> table;  // block ids
   int num_hashed = 0;      // leading blocks whose chained hash is known
+  int num_committed = 0;   // leading blocks commit() has settled (ready or uncached): never looked at again
   uint64_t last_hash = kNoHash;
+  std::vector<int> uploaded;  // the table as pack_step last gave it to the runner's device row (empty: never)
 };
 
 class BlockManager {
@@ -176,7 +182,7 @@ class BlockManager {
                                   std::to_string(seq_id) + " (" + std::to_string(s.tokens.size()) + " tokens, " +
                                   std::to_string(covered) + " covered by its blocks)");
     const int n_full = num_computed / block_size_;
-    for (int i = 0; i < n_full; ++i) {
+    for (int i = s.num_committed; i < n_full; ++i) {
       Block& blk = blocks_[s.table[i]];
       if (i >= s.num_hashed) {
         s.last_hash = block_hash(s.last_hash, s.tokens.data() + i * block_size_, block_size_);
@@ -192,6 +198,7 @@ class BlockManager {
         blk.owner = -1;
       }
     }
+    s.num_committed = std::max(s.num_committed, n_full);
   }
 
   // The position (>= start) up to which the sequence can compute now: it stops at the first pending cached
@@ -227,6 +234,7 @@ class BlockManager {
   void fork(int64_t parent_id, int64_t child_id) {
     if (seqs_.count(child_id)) throw std::invalid_argument("sequence " + std::to_string(child_id) + " already allocated");
     Seq child = seq(parent_id);
+    child.uploaded.clear();  // the child gets a device row of its own
     for (int b : child.table) take(b);
     seqs_.emplace(child_id, std::move(child));
   }
@@ -245,6 +253,67 @@ class BlockManager {
     return std::vector<int>(t.begin() + std::min<size_t>(std::max(start, 0), t.size()), t.end());
   }
   int ref_count(int block) const { return blocks_.at(block).ref_count; }
+
+  // One model step's inputs, packed into `out` (int64, the runner's host staging buffer) for one host-to-device
+  // copy. Chunk i runs tokens [starts[i], stops[i]) of sequence seq_ids[i], writing their KV from
+  // write_froms[i] on (the earlier ones are cached: slot -1); its block table is row rows[i] of the runner's
+  // device tables. Layout for T tokens and B chunks: ids[T] positions[T] slots[T] cu_seqlens[B+1]
+  // context_lens[B] rows[B], then (row, column, block) for each of the K table entries the device row lacks
+  // (only entries from the write range on can change while a sequence lives). `reserve` more elements must
+  // fit after them (the caller's). -> (K, widest table), or (-elements needed, 0) when `out` is too short
+  // (then nothing changed).
+  std::pair<int64_t, int> pack_step(const std::vector<int64_t>& seq_ids, const std::vector<int>& starts,
+                                    const std::vector<int>& stops, const std::vector<int>& write_froms,
+                                    const std::vector<int>& rows, py::array_t<int64_t> out, int64_t reserve) {
+    const size_t n = seq_ids.size();
+    if (starts.size() != n || stops.size() != n || write_froms.size() != n || rows.size() != n)
+      throw std::invalid_argument("pack_step: seq_ids, starts, stops, write_froms and rows differ in length");
+    std::vector<Seq*> seqs(n);
+    std::vector<size_t> firsts(n);  // first table entry that may differ from the device row
+    int64_t n_tokens = 0, n_changes = 0;
+    for (size_t i = 0; i < n; ++i) {
+      Seq& s = *(seqs[i] = &seq(seq_ids[i]));
+      const int covered = std::min(static_cast<int>(s.tokens.size()), static_cast<int>(s.table.size()) * block_size_);
+      if (starts[i] < 0 || write_froms[i] < starts[i] || stops[i] < write_froms[i] || stops[i] > covered)
+        throw std::invalid_argument("pack_step: chunk [" + std::to_string(starts[i]) + ", " +
+                                    std::to_string(stops[i]) + ") writing from " + std::to_string(write_froms[i]) +
+                                    " is outside sequence " + std::to_string(seq_ids[i]) + " (" +
+                                    std::to_string(s.tokens.size()) + " tokens, " + std::to_string(covered) +
+                                    " covered by its blocks)");
+      n_tokens += stops[i] - starts[i];
+      firsts[i] = s.uploaded.empty() ? 0 : std::min<size_t>(write_froms[i] / block_size_, s.uploaded.size());
+      for (size_t j = firsts[i]; j < s.table.size(); ++j)
+        n_changes += j >= s.uploaded.size() || s.uploaded[j] != s.table[j];
+    }
+    const int64_t needed = 3 * n_tokens + 3 * static_cast<int64_t>(n) + 1 + 3 * n_changes + reserve;
+    if (out.ndim() != 1 || out.shape(0) < needed) return {-needed, 0};
+    int64_t* ids = out.mutable_data();
+    int64_t *positions = ids + n_tokens, *slots = positions + n_tokens, *cu = slots + n_tokens;
+    int64_t *contexts = cu + n + 1, *row_out = contexts + n, *changes = row_out + n;
+    int width = 1;
+    cu[0] = 0;
+    for (size_t i = 0; i < n; ++i) {
+      Seq& s = *seqs[i];
+      for (int p = starts[i], t = static_cast<int>(cu[i]); p < stops[i]; ++p, ++t) {
+        ids[t] = s.tokens[p];
+        positions[t] = p;
+        slots[t] = p < write_froms[i] ? -1 : int64_t{s.table[p / block_size_]} * block_size_ + p % block_size_;
+      }
+      cu[i + 1] = cu[i] + stops[i] - starts[i];
+      contexts[i] = stops[i];
+      row_out[i] = rows[i];
+      width = std::max(width, static_cast<int>(s.table.size()));
+      s.uploaded.resize(s.table.size(), -1);
+      for (size_t j = firsts[i]; j < s.table.size(); ++j) {
+        if (s.uploaded[j] == s.table[j]) continue;
+        s.uploaded[j] = s.table[j];
+        *changes++ = rows[i];
+        *changes++ = static_cast<int64_t>(j);
+        *changes++ = s.table[j];
+      }
+    }
+    return {n_changes, width};
+  }
 
   // New weights: cached KV was computed with the old ones, so no prefix may be served from it again.
   int64_t bump_version() {
@@ -404,6 +473,11 @@ void bind_block_manager(py::module_& m) {
       .def("free", &BlockManager::free, py::arg("seq_id"))
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"), py::arg("start") = 0)
       .def("ref_count", &BlockManager::ref_count, py::arg("block"))
+      .def("pack_step", &BlockManager::pack_step, py::arg("seq_ids"), py::arg("starts"), py::arg("stops"),
+           py::arg("write_froms"), py::arg("rows"), py::arg("out"), py::arg("reserve") = 0,
+           "A model step's ids, positions, slots, cu_seqlens, context lens, rows and the block-table entries "
+           "the runner's device rows lack, packed into `out` (int64). -> (entries, widest table), or "
+           "(-elements needed, 0) if `out` is too short.")
       .def("bump_version", &BlockManager::bump_version,
            "Forget the prefix cache (KV from older weights). -> the new version.");
 }

@@ -1,98 +1,122 @@
 """Runs one scheduled step through the model over the paged KV cache: packs the chunks' tokens, builds the
 attention metadata, and returns the final hidden state of every sequence that samples a token this step.
 
-Block tables live on the device, a row per running sequence, updated only where a step changed them (new
-blocks, copy-on-write): the host work of a step grows with the batch and the new tokens, not the context."""
+Host side, one C++ call (BlockManager.pack_step) writes the step's token ids, positions, KV slots, cu_seqlens,
+context lengths and the block-table entries the device lacks into a host buffer, sent to the device in one
+non-blocking copy (staging.py). Block tables live on the device, a row per running sequence, updated only
+where a step changed them (new blocks, copy-on-write): the host work of a step grows with the batch and the
+new tokens, not the context, and the step reads nothing back."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 import kernels
 from rollout.sampler.attention import AttentionMetadata, PagedAttention
-from rollout.sampler.cuda_graphs import DecodeGraphs
+from rollout.sampler.cuda_graphs import StepGraphs
 from rollout.sampler.kv_cache import KVCache
 from rollout.sampler.scheduler import Schedule
+from rollout.sampler.staging import Staging
+
+
+@dataclass
+class StepInputs:
+    """A step's inputs on the device (views of one uploaded buffer) and the host facts about it."""
+    ids: torch.Tensor          # int64 [T]
+    positions: torch.Tensor    # int64 [T]
+    slots: torch.Tensor        # int64 [T], -1: already cached
+    cu_seqlens: torch.Tensor   # int32 [B+1]
+    context_lens: torch.Tensor # int32 [B]
+    tables: torch.Tensor       # int32 [B, width]
+    last_rows: torch.Tensor    # int64 [S]: the hidden row each sampling sequence reads (forks share one)
+    copies: torch.Tensor       # int64 [2, C]: copy-on-write block copies (src; dst) to do first
+    max_query_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.numel()
 
 
 class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, block_manager, max_blocks_per_seq: int,
-                 cuda_graph_sizes: tuple[int, ...] = (), max_num_seqs: int = 256):
+                 cuda_graph_sizes: tuple[int, ...] = (), max_num_seqs: int = 256, graph_max_query_len: int = 64):
+        """cuda_graph_sizes: batch sizes of the step graphs (cuda_graphs.py; steps with up to
+        graph_max_query_len tokens per sequence replay one), on the Triton path. On the CPU (no CUDA graphs)
+        the graph path runs eagerly through the same padded buffers: used by the tests."""
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.device = kv_cache.pool.device
         self.table_rows = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.row_of: dict[int, int] = {}            # seq id -> its row of table_rows
-        self.tables: dict[int, list[int]] = {}      # seq id -> the host copy of its block table
-        self.decode_graphs = None
-        if cuda_graph_sizes and self.device.type == "cuda" and kernels.use_triton(kv_cache.pool):
-            self.decode_graphs = DecodeGraphs(model, kv_cache, max_blocks_per_seq, cuda_graph_sizes)
+        self.staging = Staging(self.device)
+        self.graphs = None
+        if cuda_graph_sizes and kernels.use_triton(kv_cache.pool):
+            self.graphs = StepGraphs(model, kv_cache, max_blocks_per_seq, cuda_graph_sizes, graph_max_query_len,
+                                     capture=self.device.type == "cuda")
 
     def forget(self, seq) -> None:
         """The sequence gave its blocks back (finished or preempted): its row is free."""
         row = self.row_of.pop(seq.seq_id, None)
         if row is not None:
             self.free_rows.append(row)
-            del self.tables[seq.seq_id]
 
-    def _sync_table(self, seq_id: int, first: int, changes: list[tuple[int, int, int]]) -> list[int]:
-        """The host copy of a sequence's table, refreshed from entry `first` on; the device entries that
-        differ are queued in `changes` as (row, column, block). A new sequence's whole row is written now."""
-        table = self.tables.get(seq_id)
-        if table is None:
-            row = self.row_of[seq_id] = self.free_rows.pop()
-            table = self.tables[seq_id] = self.block_manager.block_table(seq_id)
-            self.table_rows[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
-            return table
-        row = self.row_of[seq_id]
-        for i, block in enumerate(self.block_manager.block_table(seq_id, first), start=first):
-            if i == len(table):
-                table.append(block)
-            elif table[i] == block:
-                continue
-            table[i] = block
-            changes.append((row, i, block))
-        return table
-
-    def prepare(self, schedule: Schedule):
-        """Host side: the step's packed inputs and attention metadata, as Python lists, and the device block
-        tables brought up to date."""
-        block_size = self.kv_cache.block_size
-        ids, positions, slots, rows, cu, contexts, last_rows, changes = [], [], [], [], [0], [], [], []
-        width = 1
+    def prepare(self, schedule: Schedule) -> StepInputs:
+        """Host side: the step's inputs packed and sent to the device (no wait), device block tables updated.
+        A chunk that samples gives its last row once for itself and once per fork it spawns this step."""
+        seq_ids, starts, stops, write_froms, rows, last_rows = [], [], [], [], [], []
+        n_tokens = max_query_len = 0
         for chunk in schedule.chunks:
             seq = chunk.seq
-            table = self._sync_table(seq.seq_id, chunk.write_from // block_size, changes)
-            ids.extend(seq.token_ids[chunk.start:chunk.stop])
-            positions.extend(range(chunk.start, chunk.stop))
-            slots.extend([-1] * (chunk.write_from - chunk.start))
-            slots.extend(table[p // block_size] * block_size + p % block_size
-                         for p in range(chunk.write_from, chunk.stop))
-            rows.append(self.row_of[seq.seq_id])
-            width = max(width, len(table))
-            cu.append(cu[-1] + chunk.stop - chunk.start)
-            contexts.append(chunk.stop)
-            if chunk.samples:
-                last_rows.append(cu[-1] - 1)
-        if changes:   # one small host-to-device copy for every table entry the step changed
-            r, c, b = torch.tensor(changes, dtype=torch.int32).t()
-            self.table_rows[r.to(self.device, torch.int64), c.to(self.device, torch.int64)] = b.to(self.device)
-        tables = self.table_rows[torch.tensor(rows, device=self.device)][:, :width]
-        return schedule.copies, ids, positions, slots, tables, cu, contexts, last_rows
+            row = self.row_of.get(seq.seq_id)
+            if row is None:
+                row = self.row_of[seq.seq_id] = self.free_rows.pop()
+            seq_ids.append(seq.seq_id)
+            starts.append(chunk.start)
+            stops.append(chunk.stop)
+            write_froms.append(chunk.write_from)
+            rows.append(row)
+            n = chunk.stop - chunk.start
+            n_tokens += n
+            max_query_len = max(max_query_len, n)
+            if chunk.stop == seq.num_tokens:   # chunk.samples
+                last_rows += [n_tokens - 1] * (1 + seq.forks_left)
+        copies = [block for pair in zip(*schedule.copies) for block in pair] if schedule.copies else []
+        reserve = len(last_rows) + len(copies)
+        buffer = self.staging.reserve(3 * n_tokens + 3 * len(rows) + 1 + reserve)
+        n_changes, width = self.block_manager.pack_step(seq_ids, starts, stops, write_froms, rows, buffer, reserve)
+        if n_changes < 0:   # more table entries than the buffer holds (sequences admitted): grow it once
+            buffer = self.staging.reserve(-n_changes)
+            n_changes, width = self.block_manager.pack_step(seq_ids, starts, stops, write_froms, rows, buffer,
+                                                            reserve)
+        end = 3 * n_tokens + 3 * len(rows) + 1 + 3 * n_changes
+        buffer[end:end + len(last_rows)] = last_rows
+        buffer[end + len(last_rows):end + reserve] = copies
+        packed = self.staging.upload(end + reserve)
+        ids, positions, slots, cu, contexts, row_ids, changes, last, copy_pairs = packed.split(
+            [n_tokens, n_tokens, n_tokens, len(rows) + 1, len(rows), len(rows), 3 * n_changes, len(last_rows),
+             len(copies)])
+        if n_changes:
+            r, c, b = changes.view(-1, 3).t()
+            self.table_rows[r, c] = b.to(torch.int32)
+        return StepInputs(ids, positions, slots, cu.to(torch.int32), contexts.to(torch.int32),
+                          self.table_rows[row_ids][:, :width], last, copy_pairs.view(2, -1), max_query_len)
 
     @torch.inference_mode()
-    def forward(self, copies, ids, positions, slots, tables, cu, contexts, last_rows) -> torch.Tensor:
-        """Device side: -> hidden [S, hidden_size], the last row of each chunk that samples, in chunk order."""
-        self.kv_cache.copy_blocks(copies)
-        max_query_len = max(b - a for a, b in zip(cu[:-1], cu[1:]))
-        if self.decode_graphs is not None and max_query_len == 1 and len(ids) <= self.decode_graphs.max_batch:
-            hidden = self.decode_graphs.run(ids, positions, slots, tables, contexts)
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Device side: -> hidden [S, hidden_size], inputs.last_rows of the step's hidden states."""
+        self.kv_cache.copy_blocks(inputs.copies)
+        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
+        if bucket is not None:
+            hidden = self.graphs.run(inputs, bucket)
         else:
-            def tensor(values, dtype):
-                return torch.tensor(values, dtype=dtype, device=self.device)
-
-            metadata = AttentionMetadata(tensor(slots, torch.int64), tables,
-                                         tensor(cu, torch.int32), tensor(contexts, torch.int32), max_query_len)
-            hidden = self.model(tensor(ids, torch.int64), positions=tensor(positions, torch.int64),
+            metadata = AttentionMetadata(inputs.slots, inputs.tables, inputs.cu_seqlens, inputs.context_lens,
+                                         inputs.max_query_len)
+            hidden = self.model(inputs.ids, positions=inputs.positions,
                                 attention=PagedAttention(self.kv_cache, metadata, self.model.exact),
                                 return_hidden=True)
-        return hidden[torch.tensor(last_rows, device=self.device, dtype=torch.int64)]
+        return hidden[inputs.last_rows]

@@ -74,14 +74,17 @@ class Sampler:
     def __init__(self, model, *, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  kv_cache_fraction: float = 0.8, kv_dtype: torch.dtype | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 eos_token_ids=None, tokenizer=None, seed: int = 0, cuda_graph_sizes: tuple[int, ...] | None = None):
+                 eos_token_ids=None, tokenizer=None, seed: int = 0, cuda_graph_sizes: tuple[int, ...] | None = None,
+                 cuda_graph_max_query_len: int = 64):
         """model: engine.model.Qwen2ForCausalLM (unsharded, or FSDP2-sharded and sampled in rollout mode). The
         KV pool holds num_blocks blocks of block_size tokens, or as many as fit in kv_cache_bytes; with
         neither, kv_cache_fraction of the GPU memory free when the pool is (re)built (CUDA), or room for 8
         sequences of max_position_embeddings tokens up to 2 GiB (CPU). kv_dtype: default the dtype the
         model computes in (its unsharded weights'). eos_token_ids default to the model config's; tokenizer
-        (with .decode(ids)) is needed only for stop strings. cuda_graph_sizes: decode batch sizes captured as
-        CUDA graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables)."""
+        (with .decode(ids)) is needed only for stop strings. cuda_graph_sizes: batch sizes B captured as CUDA
+        graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables), each for decode steps of B sequences
+        and for steps of B + cuda_graph_max_query_len tokens, none more than cuda_graph_max_query_len per
+        sequence (decode rows plus a prefill chunk: the agent loop's step; 1 captures decode only)."""
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("Sampler: give at most one of num_blocks and kv_cache_bytes (the KV pool size)")
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -102,7 +105,7 @@ class Sampler:
         if cuda_graph_sizes is None:
             cuda_graph_sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if s <= max_num_seqs) \
                 if self.device.type == "cuda" else ()
-        self.cuda_graph_sizes = cuda_graph_sizes
+        self.cuda_graph_sizes, self.cuda_graph_max_query_len = cuda_graph_sizes, cuda_graph_max_query_len
         self.stats = SamplerStats()
         self._seeds = random.Random(seed)
         self._requests: dict[int, _Request] = {}
@@ -155,7 +158,7 @@ class Sampler:
     def _new_runner(self):
         max_blocks = -(-self.max_model_len // self.block_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, max_blocks, self.cuda_graph_sizes,
-                                  self.max_num_seqs)
+                                  self.max_num_seqs, self.cuda_graph_max_query_len)
         self.scheduler.on_free = self.runner.forget
 
     def _check_weights(self) -> None:
@@ -285,11 +288,9 @@ class Sampler:
                                f"{len(self.scheduler.waiting)} waiting sequences")
         inputs = self.runner.prepare(schedule)
         t1 = time.perf_counter()
-        hidden = self.runner.forward(*inputs)
+        hidden = self.runner.forward(inputs)  # a row per sampling sequence, forks included, in this order:
         t2 = time.perf_counter()
         sampling: list[Sequence] = []
-        rows: list[int] = []  # row of `hidden` each sampling sequence reads (forks share their parent's)
-        n_rows = 0
         for chunk in schedule.chunks:
             seq = chunk.seq
             seq.num_computed = chunk.stop
@@ -297,13 +298,10 @@ class Sampler:
             self.stats.computed_tokens += chunk.stop - chunk.start
             self.stats.prompt_tokens_computed += max(0, min(chunk.stop, seq.prompt_len) - chunk.start)
             if chunk.samples:
-                for s in [seq] + self._fork(seq):
-                    sampling.append(s)
-                    rows.append(n_rows)
-                n_rows += 1
+                sampling.append(seq)
+                sampling += self._fork(seq)
         t3 = time.perf_counter()
-        tokens, logprobs = self._sample(hidden[torch.tensor(rows, device=self.device)], sampling) \
-            if sampling else ([], [])
+        tokens, logprobs = self._sample(hidden, sampling) if sampling else ([], [])
         t4 = time.perf_counter()
         for i, seq in enumerate(sampling):
             self._append(seq, tokens[i], logprobs[i], finished)
