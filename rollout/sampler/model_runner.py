@@ -21,13 +21,24 @@ from rollout.sampler.staging import Staging
 
 
 @dataclass
+class PackedStep:
+    """What prepare hands to forward: the step's inputs uploaded in one buffer (BlockManager.pack_step's
+    layout) and the host facts about them."""
+    packed: torch.Tensor   # int64, on the device
+    sizes: list[int]       # lengths of its parts: ids, positions, slots, cu_seqlens, context lens, rows, last
+    width: int             # rows, copies, table entries; the widest block table
+    max_query_len: int
+    num_tokens: int
+
+
+@dataclass
 class StepInputs:
-    """A step's inputs on the device (views of one uploaded buffer) and the host facts about it."""
+    """A step's inputs on the device (views of the uploaded buffer, and the block tables gathered)."""
     ids: torch.Tensor          # int64 [T]
     positions: torch.Tensor    # int64 [T]
     slots: torch.Tensor        # int64 [T], -1: already cached
     cu_seqlens: torch.Tensor   # int32 [B+1]
-    context_lens: torch.Tensor # int32 [B]
+    context_lens: torch.Tensor  # int32 [B]
     tables: torch.Tensor       # int32 [B, width]
     last_rows: torch.Tensor    # int64 [S]: the hidden row each sampling sequence reads (forks share one)
     copies: torch.Tensor       # int64 [2, C]: copy-on-write block copies (src; dst) to do first
@@ -65,50 +76,40 @@ class ModelRunner:
         if row is not None:
             self.free_rows.append(row)
 
-    def prepare(self, schedule: Schedule) -> StepInputs:
-        """Host side: the step's inputs packed and sent to the device (no wait), device block tables updated.
-        A chunk that samples gives its last row once for itself and once per fork it spawns this step."""
-        seq_ids, starts, stops, write_froms, rows, last_rows = [], [], [], [], [], []
-        n_tokens = max_query_len = 0
-        for chunk in schedule.chunks:
-            seq = chunk.seq
-            row = self.row_of.get(seq.seq_id)
-            if row is None:
-                row = self.row_of[seq.seq_id] = self.free_rows.pop()
-            seq_ids.append(seq.seq_id)
-            starts.append(chunk.start)
-            stops.append(chunk.stop)
-            write_froms.append(chunk.write_from)
-            rows.append(row)
-            n = chunk.stop - chunk.start
-            n_tokens += n
-            max_query_len = max(max_query_len, n)
-            if chunk.stop == seq.num_tokens:   # chunk.samples
-                last_rows += [n_tokens - 1] * (1 + seq.forks_left)
-        copies = [block for pair in zip(*schedule.copies) for block in pair] if schedule.copies else []
-        reserve = len(last_rows) + len(copies)
-        buffer = self.staging.reserve(3 * n_tokens + 3 * len(rows) + 1 + reserve)
-        n_changes, width = self.block_manager.pack_step(seq_ids, starts, stops, write_froms, rows, buffer, reserve)
-        if n_changes < 0:   # more table entries than the buffer holds (sequences admitted): grow it once
-            buffer = self.staging.reserve(-n_changes)
-            n_changes, width = self.block_manager.pack_step(seq_ids, starts, stops, write_froms, rows, buffer,
-                                                            reserve)
-        end = 3 * n_tokens + 3 * len(rows) + 1 + 3 * n_changes
-        buffer[end:end + len(last_rows)] = last_rows
-        buffer[end + len(last_rows):end + reserve] = copies
-        packed = self.staging.upload(end + reserve)
-        ids, positions, slots, cu, contexts, row_ids, changes, last, copy_pairs = packed.split(
-            [n_tokens, n_tokens, n_tokens, len(rows) + 1, len(rows), len(rows), 3 * n_changes, len(last_rows),
-             len(copies)])
-        if n_changes:
+    def prepare(self, schedule: Schedule) -> PackedStep:
+        """Host side: the step's inputs packed and sent to the device (no wait). A chunk that samples gives
+        its last row once for itself and once per fork it spawns this step."""
+        rows = [self.row_of.get(i) for i in schedule.seq_ids]
+        if None in rows:   # sequences the runner meets for the first time
+            for k, seq_id in enumerate(schedule.seq_ids):
+                if rows[k] is None:
+                    rows[k] = self.row_of[seq_id] = self.free_rows.pop()
+        samples = [1 + s.forks_left for s in schedule.seqs]
+        args = (schedule.seq_ids, schedule.starts, schedule.stops, schedule.write_froms, rows, samples,
+                schedule.copies)
+        n_tokens, n_seqs, n_copies = schedule.num_tokens, len(rows), len(schedule.copies)
+        size, n_samples, n_changes, width = self.block_manager.pack_step(
+            *args, self.staging.reserve(3 * n_tokens + 4 * n_seqs + 1 + 2 * n_copies))
+        if size < 0:   # block-table entries of new sequences overflow the buffer: grow it
+            size, n_samples, n_changes, width = self.block_manager.pack_step(*args, self.staging.reserve(-size))
+        sizes = [n_tokens, n_tokens, n_tokens, n_seqs + 1, n_seqs, n_seqs, n_samples, 2 * n_copies, 3 * n_changes]
+        return PackedStep(self.staging.upload(size), sizes, width,
+                          max(map(int.__sub__, schedule.stops, schedule.starts)), n_tokens)
+
+    def unpack(self, step: PackedStep) -> StepInputs:
+        """Device side: the block-table entries the step changed written into the device rows, the step's
+        tables gathered from them, views of the rest."""
+        ids, positions, slots, cu, contexts, rows, last_rows, copies, changes = step.packed.split(step.sizes)
+        if changes.numel():
             r, c, b = changes.view(-1, 3).t()
             self.table_rows[r, c] = b.to(torch.int32)
         return StepInputs(ids, positions, slots, cu.to(torch.int32), contexts.to(torch.int32),
-                          self.table_rows[row_ids][:, :width], last, copy_pairs.view(2, -1), max_query_len)
+                          self.table_rows[:, :step.width][rows], last_rows, copies.view(2, -1), step.max_query_len)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Device side: -> hidden [S, hidden_size], inputs.last_rows of the step's hidden states."""
+    def forward(self, step: PackedStep) -> torch.Tensor:
+        """Device side: -> hidden [S, hidden_size], the step's last_rows of its hidden states."""
+        inputs = self.unpack(step)
         self.kv_cache.copy_blocks(inputs.copies)
         bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
         if bucket is not None:

@@ -283,28 +283,31 @@ class Sampler:
                                f"while {len(self._requests)} request(s) were running")
         t0 = time.perf_counter()
         schedule = self.scheduler.schedule()
-        if not schedule.chunks:  # cannot happen by design (some owner always runs): fail, never hang
+        if not schedule.seqs:  # cannot happen by design (some owner always runs): fail, never hang
             raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.running)} running and "
                                f"{len(self.scheduler.waiting)} waiting sequences")
         inputs = self.runner.prepare(schedule)
         t1 = time.perf_counter()
-        hidden = self.runner.forward(inputs)  # a row per sampling sequence, forks included, in this order:
+        hidden = self.runner.forward(inputs)  # a row per sampling sequence below, forks included, in order
         t2 = time.perf_counter()
+        self.block_manager.commit_batch(schedule.seq_ids, schedule.stops)
         sampling: list[Sequence] = []
-        for chunk in schedule.chunks:
-            seq = chunk.seq
-            seq.num_computed = chunk.stop
-            self.block_manager.commit(seq.seq_id, chunk.stop)
-            self.stats.computed_tokens += chunk.stop - chunk.start
-            self.stats.prompt_tokens_computed += max(0, min(chunk.stop, seq.prompt_len) - chunk.start)
-            if chunk.samples:
+        for seq, start, stop in zip(schedule.seqs, schedule.starts, schedule.stops):
+            seq.num_computed = stop
+            if start < seq.prompt_len:
+                self.stats.prompt_tokens_computed += min(stop, seq.prompt_len) - start
+            if stop == seq.num_tokens:
                 sampling.append(seq)
-                sampling += self._fork(seq)
+                if seq.forks_left:
+                    sampling += self._fork(seq)
+        self.stats.computed_tokens += inputs.num_tokens
         t3 = time.perf_counter()
         tokens, logprobs = self._sample(hidden, sampling) if sampling else ([], [])
         t4 = time.perf_counter()
-        for i, seq in enumerate(sampling):
-            self._append(seq, tokens[i], logprobs[i], finished)
+        self.block_manager.append_batch([seq.seq_id for seq in sampling], tokens)
+        self.stats.generated_tokens += len(sampling)
+        for seq, token, logprob in zip(sampling, tokens, logprobs):
+            self._append(seq, token, logprob, finished)
         t5 = time.perf_counter()
         s = self.stats
         s.steps += 1
@@ -361,11 +364,10 @@ class Sampler:
         return tokens_out, logprobs
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):
+        """The sampled token (already given to the block manager) joins the sequence, which may finish."""
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        self.block_manager.append_tokens(seq.seq_id, [token])
-        self.stats.generated_tokens += 1
         reason = self._finish_reason(seq, token)
         if reason is None:
             return
