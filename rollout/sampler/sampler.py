@@ -68,6 +68,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     completions: list[Completion | None]
+    unfinished: int = 0   # completions still None (counted: checking them all at each finish is quadratic)
 
 
 class Sampler:
@@ -240,7 +241,7 @@ class Sampler:
             self._done.append(RequestOutput(request_id, prompt, [
                 Completion([], [] if params.logprobs else None, "context limit") for _ in range(params.n)]))
             return request_id
-        self._requests[request_id] = _Request(prompt, params, [None] * params.n)
+        self._requests[request_id] = _Request(prompt, params, [None] * params.n, params.n)
         base_seed = params.seed if params.seed is not None else self._seeds.randrange(2 ** 62)
         parent = self._new_sequence(request_id, 0, list(prompt), len(prompt), params, base_seed)
         parent.forks_left = params.n - 1
@@ -376,7 +377,8 @@ class Sampler:
         request = self._requests[seq.request_id]
         request.completions[seq.sample_index] = Completion(
             seq.completion_ids, seq.logprobs if seq.params.logprobs else None, seq.finish_reason, seq.stop_reason)
-        if all(c is not None for c in request.completions):
+        request.unfinished -= 1
+        if not request.unfinished:
             del self._requests[seq.request_id]
             finished.append(RequestOutput(seq.request_id, request.prompt_ids, request.completions))
 

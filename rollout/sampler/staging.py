@@ -31,7 +31,7 @@ class Staging:
 
     def upload(self, size: int) -> torch.Tensor:
         """Its first `size` elements on the device (pinned + non_blocking on CUDA: no host wait)."""
-        on_device = self.host[:size].to(self.device, non_blocking=self.pinned)
+        on_device = self.host[:size].to(self.device, non_blocking=True)   # (a no-op on the CPU)
         if self._copied is not None:
             self._copied.record()
         return on_device
