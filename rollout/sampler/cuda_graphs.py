@@ -9,11 +9,14 @@ only on the number of sequence slots, max_query_len and the block-table width, a
 reads cu_seqlens and context lengths from device memory, so one capture serves every step of the bucket.
 Triton path only (the PyTorch reference path reads metadata on the host).
 
-A graph holds the parameters' addresses and the projection mode it was captured with: StepGraphs records the
-model's weight_version and exact flag, and refuses to replay for others (the sampler builds a new runner, hence
-new graphs, whenever the weights change). capture=False runs the same padded step eagerly through the same
+A graph holds the parameters' addresses and the projection mode it was captured with: StepGraphs records
+them with the model's weight_version, and refuses to replay once the version or the mode differ (checked at
+every replay; the addresses are the sampler's to compare: it does so at every new request and builds a new
+runner, hence new graphs, when they changed). capture=False runs the same padded step eagerly through the same
 static buffers: what the CPU tests check against the unpadded step."""
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -83,6 +86,8 @@ class StepGraphs:
                  max_query_len: int = 64, capture: bool = True):
         self.model, self.kv_cache = model, kv_cache
         self.weight_version, self.exact = model.weight_version, model.exact
+        self.parameters = tuple(p.data_ptr() for p in model.parameters())   # what the graphs read
+        self.replays: Counter = Counter()   # steps run per bucket
         self.buckets = graph_buckets(batch_sizes, max_query_len)
         self.static = StaticInputs(self.buckets[-1][0] if self.buckets else 0, max_blocks_per_seq,
                                    kv_cache.pool.device)
@@ -119,6 +124,7 @@ class StepGraphs:
                                f"(exact={self.exact}) cannot run the model at version {self.model.weight_version} "
                                f"(exact={self.model.exact}): they read the old parameters; build a new ModelRunner")
         self.static.fill(inputs, bucket[0])
+        self.replays[bucket] += 1
         if not self.capture:
             return self._step(bucket)[:inputs.num_tokens]
         self.graphs[bucket].replay()
