@@ -327,7 +327,11 @@ class BlockManager {
   std::tuple<int64_t, int64_t, int64_t, int> pack_step(
       const std::vector<int64_t>& seq_ids, const std::vector<int>& starts, const std::vector<int>& stops,
       const std::vector<int>& write_froms, const std::vector<int>& rows, const std::vector<int>& samples,
-      const std::vector<std::pair<int, int>>& copies, py::array_t<int64_t> out) {
+      const std::vector<std::pair<int, int>>& copies, py::array out) {
+    // Written in place: an array pybind11 would convert (another dtype, strided) would take the writes instead.
+    if (!py::isinstance<py::array_t<int64_t>>(out) || out.ndim() != 1 || !(out.flags() & py::array::c_style) ||
+        !out.writeable())
+      throw std::invalid_argument("pack_step: out must be a writable contiguous 1-D int64 array");
     const size_t n = seq_ids.size();
     if (starts.size() != n || stops.size() != n || write_froms.size() != n || rows.size() != n || samples.size() != n)
       throw std::invalid_argument("pack_step: seq_ids, starts, stops, write_froms, rows and samples differ in length");
@@ -352,8 +356,8 @@ class BlockManager {
     }
     const int64_t size = 3 * n_tokens + 3 * static_cast<int64_t>(n) + 1 + n_samples +
                          2 * static_cast<int64_t>(copies.size()) + 3 * n_changes;
-    if (out.ndim() != 1 || out.shape(0) < size) return {-size, 0, 0, 0};
-    int64_t* ids = out.mutable_data();
+    if (out.shape(0) < size) return {-size, 0, 0, 0};
+    int64_t* ids = static_cast<int64_t*>(out.mutable_data());
     int64_t *positions = ids + n_tokens, *slots = positions + n_tokens, *cu = slots + n_tokens;
     int64_t *contexts = cu + n + 1, *row_out = contexts + n, *last_rows = row_out + n;
     int64_t *copy_src = last_rows + n_samples, *copy_dst = copy_src + copies.size();

@@ -53,19 +53,21 @@ def test_buckets_and_their_choice():
     assert pick_bucket(buckets, 17, 1) is None
 
 
-def next_step(sampler, mixed: bool):
-    """Three sequences decoding past 32 keys (split-KV pieces in fast mode), and with `mixed` an agent's next
-    turn arriving, prefilled beside them: the next step's inputs on the device and its bucket."""
-    for prompt in prompts_of([37, 41, 35]):
+def next_step(sampler, mixed: bool, long: bool = False):
+    """Three sequences decoding (long: past 32 keys, so fast mode splits them into pieces), and with `mixed`
+    an agent's next turn arriving, prefilled beside them: the next step's inputs on the device and its bucket."""
+    for prompt in prompts_of([37, 41, 35] if long else [5, 9, 3]):
         sampler.add_request(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    for _ in range(14):   # prefill, chunked by the 11-token budget, then decode steps
+    for _ in range(14 if long else 4):   # prefill, chunked by the 11-token budget, then decode steps
         sampler.step()
     if mixed:
         sampler.add_request(prompts_of([20], seed=1)[0], SamplingParams(temperature=0, max_tokens=4))
     runner = sampler.runner
     inputs = runner.unpack(runner.prepare(sampler.scheduler.schedule()))
     assert (inputs.num_seqs, inputs.num_tokens, inputs.max_query_len) == ((4, 11, 8) if mixed else (3, 3, 1))
-    assert min(inputs.context_lens.tolist()[:3]) > 32
+    assert min(inputs.context_lens.tolist()[:3]) > 32 or not long
+    if runner.graphs is None:
+        return inputs, None
     bucket = runner.graphs.bucket_for(inputs)
     assert bucket == ((12, 8) if mixed else (4, 1))   # one padding token, and empty sequence slots
     return inputs, bucket
@@ -78,13 +80,18 @@ def unpadded_metadata(inputs):
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["decode", "decode+prefill"])
 def test_padded_step_equals_unpadded_step_bitwise_exact_mode(model, triton, monkeypatch, mixed):
+    """The same requests on a sampler whose every step took the graph path and on one without graphs: the
+    next step, padded, gives the unpadded step's hidden rows bit for bit."""
     monkeypatch.setattr(model, "exact", True)
     sampler = graph_sampler(model)
     inputs, bucket = next_step(sampler, mixed)
+    plain = Sampler(model, num_blocks=64, block_size=4, max_num_batched_tokens=11, cuda_graph_sizes=())
+    plain_inputs, _ = next_step(plain, mixed)
+    assert torch.equal(plain_inputs.ids, inputs.ids) and torch.equal(plain_inputs.slots, inputs.slots)
     with torch.inference_mode():
-        padded = sampler.runner.graphs.run(inputs, bucket).clone()
-        eager = model(inputs.ids, positions=inputs.positions, return_hidden=True,
-                      attention=PagedAttention(sampler.kv_cache, unpadded_metadata(inputs), True))
+        eager = model(plain_inputs.ids, positions=plain_inputs.positions, return_hidden=True,
+                      attention=PagedAttention(plain.kv_cache, unpadded_metadata(plain_inputs), True))
+        padded = sampler.runner.graphs.run(inputs, bucket)
     assert padded.shape == eager.shape and torch.equal(padded, eager)
 
 
@@ -93,7 +100,7 @@ def test_padded_step_attention_equals_unpadded_bitwise_fast_mode(model, triton, 
     """Fast mode's paged attention (split-KV decode tiles, sized by the block-table width: the graphs' full
     width against the step's own) over the graph path's padded buffers, on the same q/k/v rows."""
     sampler = graph_sampler(model)
-    inputs, bucket = next_step(sampler, mixed)
+    inputs, bucket = next_step(sampler, mixed, long=True)
     static = sampler.runner.graphs.static
     static.fill(inputs, bucket[0])
     config, g = model.config, torch.Generator().manual_seed(4)
@@ -101,8 +108,8 @@ def test_padded_step_attention_equals_unpadded_bitwise_fast_mode(model, triton, 
     k, v = (torch.randn(bucket[0], config.num_key_value_heads, config.head_dim, generator=g) for _ in "kv")
     t = inputs.num_tokens
     for layer in range(config.num_hidden_layers):
-        padded = PagedAttention(sampler.kv_cache, static.metadata(*bucket), False)(layer, q, k, v)
         eager = PagedAttention(sampler.kv_cache, unpadded_metadata(inputs), False)(layer, q[:t], k[:t], v[:t])
+        padded = PagedAttention(sampler.kv_cache, static.metadata(*bucket), False)(layer, q, k, v)
         assert torch.equal(padded[:t], eager)
 
 

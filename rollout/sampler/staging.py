@@ -33,5 +33,5 @@ class Staging:
         """Its first `size` elements on the device (pinned + non_blocking on CUDA: no host wait)."""
         on_device = self.host[:size].to(self.device, non_blocking=True)   # (a no-op on the CPU)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))   # the stream the copy went on
         return on_device
