@@ -44,6 +44,9 @@ def attention_work(batch, ctx, block_m, block_n, programs_per_seq, q_heads_per_p
                 pieces=len(keys), q_rows_per_tile=q_heads_per_program, block_m=block_m, block_n=block_n)
 
 
+H100 = (9, 0)   # the exact decode tile depends on the architecture (exact_decode_block_m): sm_90's
+
+
 def attention_rows(batch, ctx):
     group = HQ // HKV
     rows = []
@@ -53,7 +56,7 @@ def attention_rows(batch, ctx):
         train = paged_attention.decode_plan(True, torch.bfloat16, D, group, True)["decode"]
         before_m, block_n = (train["block_m"] if exact else 16), train["block_n"]
         rows.append(dict(mode=mode, kernel="before", **attention_work(batch, ctx, before_m, block_n, HQ, 1, 1)))
-        t = paged_attention.decode_plan(True, torch.bfloat16, D, group, exact)["decode"]
+        t = paged_attention.decode_plan(True, torch.bfloat16, D, group, exact, H100)["decode"]
         pieces = 1
         if t["split"]:
             pieces = triton.cdiv(ctx, paged_attention.split_len(ctx, t["block_n"], *t["split"]))
@@ -88,7 +91,8 @@ def main():
           "## Paged decode attention", "",
           "Before: one program per (query head, sequence), one live row per tile (exact: the training's 128-row "
           "tile; fast: 16 rows), whole context per program. After: one program per (KV head, sequence[, piece]) "
-          "with the 7 query heads of the KV head in the tile's rows; fast mode splits the context into pieces "
+          "with the 7 query heads of the KV head in the tile's rows (exact mode: the fewest rows with the training "
+          "tile's tensor-core instruction, 64 on sm_90 as here, 16 on sm_80); fast mode splits the context into pieces "
           f"(a function of its length: >= {paged_attention.SPLITS[True][0]} keys, <= "
           f"{paged_attention.SPLITS[True][1]} pieces).", "",
           "| batch x context | mode | kernel | tile (M x N) | live rows | pieces | programs / layer | K/V loaded (GB) "

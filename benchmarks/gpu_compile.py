@@ -34,7 +34,7 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import MockTensor, create_function_from_signature
-from kernels.ops import rms_norm, rope, swiglu, linear, attention, paged_attention, token_logprobs as tlp
+from kernels.ops import rms_norm, rope, swiglu, linear, attention, paged_attention, philox, token_logprobs as tlp
 
 # Shared memory one block may use (opt-in maximum: the SM's 228 KB / 164 KB less 1 KB reserved per block).
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -156,6 +156,14 @@ def launches():
                 add(f"paged {name} {dt} d={hd}", paged_attention._paged_attn_kernel, t["launch"], **paged,
                     BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=select, SPLIT=t["split"] is not None,
                     SPLIT_MIN=split_min, MAX_SPLITS=max_splits)
+            # exact mode's decode tiles (exact_decode_block_m): 64 rows on sm_90, 16 on sm_80
+            for cap in ((9, 0), (8, 0)):
+                t = paged_attention.decode_plan(True, torch_dt, hd, 7, True, cap)["decode"]
+                if any(name == f"paged exact decode m{t['block_m']} {dt} d={hd}" for name, *_ in out):
+                    continue   # fp32: one tile on both
+                add(f"paged exact decode m{t['block_m']} {dt} d={hd}", paged_attention._paged_attn_kernel,
+                    t["launch"], **paged, BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=1, SPLIT=False,
+                    SPLIT_MIN=0, MAX_SPLITS=1)
             split_min, max_splits = paged_attention.SPLITS[True]
             add(f"paged merge {dt} d={hd}", paged_attention._merge_pieces_kernel, O=P, O_PART=f32, ML_PART=f32,
                 CU_SEQLENS_Q=i32, CONTEXT_LENS=i32, stride_ot=28 * hd, stride_oh=hd, HEAD_DIM=hd,
@@ -166,9 +174,13 @@ def launches():
         # token_logprobs (the dot in fp32 for fp32 inputs)
         fp32dot = dt == "fp32"
         tiles = dict(BLOCK_T=tlp.BLOCK_T, BLOCK_V=tlp.BLOCK_V, BLOCK_H=tlp.BLOCK_H, FP32_DOT=fp32dot)
-        add(f"tlp_split {dt}", tlp._forward_split_kernel, h_ptr=P, w_ptr=P, tgt_ptr=i64, part_ptr=f32, inv_temp=1.0,
-            V_SPLIT=tlp.V_SPLIT, **tiles)
-        add(f"tlp_head_logits {dt}", tlp._head_logits_kernel, h_ptr=P, w_ptr=P, z_ptr=f32, inv_temp=1.0, **tiles)
+        add(f"tlp_split {dt}", tlp._forward_split_kernel, tlp.SAME_ROUNDING, h_ptr=P, w_ptr=P, tgt_ptr=i64,
+            part_ptr=f32, inv_temp=1.0, V_SPLIT=tlp.V_SPLIT, **tiles)
+        add(f"tlp_head_logits {dt}", tlp._head_logits_kernel, tlp.SAME_ROUNDING, h_ptr=P, w_ptr=P, z_ptr=f32,
+            inv_temp=1.0, **tiles)
+        if dt == "fp32":  # over stored fp32 logits: one variant
+            add("tlp_stored_split", tlp._stored_split_kernel, tlp.SAME_ROUNDING, z_ptr=f32, tgt_ptr=i64,
+                part_ptr=f32, V_SPLIT=tlp.V_SPLIT, BLOCK_T=tlp.BLOCK_T, BLOCK_V=tlp.BLOCK_V)
         add(f"tlp_combine {dt}", tlp._forward_combine_kernel, part_ptr=f32, logp_ptr=f32, lse_ptr=f32,
             entropy_ptr=f32, mean_ptr=f32, BLOCK=tlp.COMBINE_BLOCK)
         add(f"tlp_dlogits {dt}", tlp._dlogits_kernel, h_ptr=P, w_ptr=P, tgt_ptr=i64, lse_ptr=f32, mean_ptr=f32,
@@ -178,19 +190,25 @@ def launches():
             add(f"tlp_matmul {part} {dt}", tlp._matmul_kernel, a_ptr=P, b_ptr=P, c_ptr=f32, ACCUMULATE=True,
                 BLOCK=tlp.MATMUL_BLOCK, FP32_DOT=fp32dot,
                 **dict(zip(("stride_am", "stride_ak", "stride_bk", "stride_bn"), strides)))
+    add("philox_uniforms", philox._philox_uniform_kernel, SEEDS=i64, COUNTERS=i64, OUT=aligned(torch.float64),
+        BLOCK=philox.BLOCK)
     return out
 
 
 def same_mma_groups(arch):
     """Launches that must give the same bits must use one tensor-core instruction (wgmma vs mma.sync, shape):
-    the linear's M tiles exact mode may pick on this architecture, and exact paged attention vs the training
-    forward."""
+    the linear's M tiles exact mode may pick on this architecture, exact paged attention (its prefill and its
+    decode tile on this architecture) vs the training forward, and the fused log-prob's logits vs head_logits'."""
     groups = []
     for dt, torch_dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         groups.append((f"linear {dt}", [f"linear fwd {dt} m{bm}"
                                         for bm in linear.block_m_choices((arch // 10, arch % 10), torch_dt)]))
         for hd in (128, 64):
-            groups.append((f"paged exact vs attn_fwd {dt} d={hd}", [f"attn_fwd {dt} d={hd}", f"paged exact {dt} d={hd}"]))
+            decode_m = paged_attention.decode_plan(True, torch_dt, hd, 7, True, (arch // 10, arch % 10))["decode"]
+            groups.append((f"paged exact vs attn_fwd {dt} d={hd}", [f"attn_fwd {dt} d={hd}", f"paged exact {dt} d={hd}",
+                                                                     f"paged exact decode m{decode_m['block_m']} {dt} d={hd}"]))
+        # The sampler draws from head_logits' z and reports log p as the fused op computes it.
+        groups.append((f"token_logprobs z {dt}", [f"tlp_split {dt}", f"tlp_head_logits {dt}"]))
     return groups
 
 

@@ -3,9 +3,12 @@
 1. linear: does every M tile give the same bits as the 128-row tile for the same rows, on this device? Tiles
    that compile to another tensor-core instruction (16/32 rows on sm_90: mma.sync instead of wgmma) are kept
    out of kernels.ops.linear.block_m_choices until this says they match.
-2. paged attention, exact mode: decode rows and a prefill chunk equal the training attention's rows bit for bit
-   (bf16, GQA 7:1, head_dim 128).
+2. paged attention, exact mode: decode rows (in exact_decode_block_m's smaller tile: 64 rows on sm_90) and a
+   prefill chunk equal the training attention's rows bit for bit (bf16, GQA 7:1, head_dim 128).
 3. paged attention, fast mode: a decode row's bits do not depend on the batch (split-KV pieces by length).
+4. the sampler's one pass over the LM head: log p from head_logits' stored z equals the fused token_logprobs bit
+   for bit (both compiled without multiply-add contraction), alone and in a batch; the Philox row uniforms
+   kernel equals its PyTorch path.
 
     python benchmarks/gpu_exact_check.py            # on a CUDA device; writes benchmarks/results/gpu_exact_check.json
     TRITON_INTERPRET=1 python benchmarks/gpu_exact_check.py --small    # smoke run on the CPU (tiny shapes)
@@ -83,6 +86,24 @@ def paged_checks(device, dtype, lengths):
                 fast_vs_exact_max_abs_diff=err)
 
 
+def sampler_head_checks(device, dtype, t, v, h, temperature=0.7):
+    import kernels
+    from kernels import reference
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(t, h, generator=g).to(device, dtype)
+    weight = (torch.randn(v, h, generator=g) * 2 / h ** 0.5).to(device, dtype)
+    targets = torch.randint(0, v, (t,), generator=g).to(device)
+    want = kernels.token_logprobs(hidden, weight, targets, temperature, check_ids=False)
+    got = kernels.logprobs_from_logits(kernels.head_logits(hidden, weight, temperature), targets)
+    alone = kernels.logprobs_from_logits(kernels.head_logits(hidden[t - 1:], weight, temperature), targets[t - 1:])
+    seeds = torch.randint(0, 2 ** 62, (1000,), generator=g)
+    counters = torch.randint(0, 2 ** 40, (1000,), generator=g)
+    philox_same = torch.equal(kernels.philox_uniforms(seeds.to(device), counters.to(device)).cpu(),
+                              reference.philox_uniforms(seeds, counters))
+    return dict(shape=[t, v, h], from_logits_equals_fused=bool(torch.equal(got, want)),
+                row_alone_equals_fused=bool(torch.equal(alone, want[t - 1:])), philox_equals_reference=philox_same)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU interpreter smoke run)")
@@ -95,7 +116,8 @@ def main():
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                   capability=list(torch.cuda.get_device_capability()) if device == "cuda" else None,
                   dtype=str(dtype), allowed_block_m=None, linear=linear_tiles(device, dtype, *lin),
-                  paged=paged_checks(device, dtype, lengths))
+                  paged=paged_checks(device, dtype, lengths),
+                  sampler_head=sampler_head_checks(device, dtype, *((5, 300, 64) if args.small else (256, 152064, 3584))))
     if device == "cuda":
         report["allowed_block_m"] = list(linear._device_tiles(torch.device("cuda", torch.cuda.current_device()),
                                                               dtype)[0])

@@ -543,6 +543,8 @@ def section_ops_correctness(suite: Suite, sec: Section):
         sec.check("exact-mode bits: linear M tiles (benchmarks/gpu_exact_check.py)", lambda: check_linear_tiles(suite))
         sec.check("exact-mode bits: paged decode == training attention; fast decode batch-invariant",
                   lambda: check_exact_paged(suite))
+        sec.check("sampler bits: log p from head_logits == fused token_logprobs; Philox kernel == PyTorch",
+                  lambda: check_sampler_head(suite))
 
 
 def check_linear_tiles(suite: Suite):
@@ -557,6 +559,16 @@ def check_linear_tiles(suite: Suite):
     return dict(status="FAIL" if bad else "PASS", dtype=str(dtype)[6:],
                 detail=f"tiles in use {allowed}: {'all equal' if not bad else f'{bad} DIFFER'}; "
                        f"tiles kept out, equal to 128: {others or 'none'}")
+
+
+def check_sampler_head(suite: Suite):
+    from benchmarks import gpu_exact_check
+    dtype = suite.pick(torch.bfloat16, dry=torch.float32)
+    r = gpu_exact_check.sampler_head_checks(suite.device, dtype, *suite.pick((256, 152064, 3584), dry=(5, 300, 64)))
+    ok = r["from_logits_equals_fused"] and r["row_alone_equals_fused"] and r["philox_equals_reference"]
+    return dict(status="PASS" if ok else "FAIL", dtype=str(dtype)[6:],
+                detail=f"from stored logits == fused: {r['from_logits_equals_fused']} (row alone: "
+                       f"{r['row_alone_equals_fused']}); Philox kernel == PyTorch: {r['philox_equals_reference']}")
 
 
 def check_exact_paged(suite: Suite):

@@ -85,6 +85,25 @@ def head_logits(hidden, weight, temperature=1.0):
     return reference.head_logits_chunked(hidden, weight, temperature)
 
 
+def logprobs_from_logits(z, targets):
+    """log p(targets) from head_logits' z: bit for bit what token_logprobs reports for the same rows (the
+    sampler's draw and its log-prob from one pass over the LM head). Targets must be in range (unchecked)."""
+    if use_triton(z):
+        from kernels.ops.token_logprobs import logprobs_from_logits_triton
+        with on_device(z):
+            return logprobs_from_logits_triton(z, targets)
+    return reference.logprobs_from_logits_chunked(z, targets)
+
+
+def philox_uniforms(seeds, counters):
+    """A uniform fp64 number in [0, 1) per row, a function of (seeds[i], counters[i]) only (Philox4x32-10)."""
+    if use_triton(seeds):
+        from kernels.ops.philox import philox_uniforms_triton
+        with on_device(seeds):
+            return philox_uniforms_triton(seeds, counters)
+    return reference.philox_uniforms(seeds, counters)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
     if use_triton(q):
         from kernels.ops.attention import varlen_attention_triton

@@ -90,6 +90,32 @@ def _logit_blocks(hidden, weight, temperature):
         yield first, n, z.div_(temperature)
 
 
+def _block_logprobs(z, targets, p):
+    """(lse, mean z, log p(targets)) of the ROW_BLOCK rows of z, whose targets are `targets`. Reductions over
+    the whole padded block: their parallel split depends on the shape only."""
+    m = z.amax(-1, keepdim=True)
+    s = torch.sub(z, m, out=p).exp_().sum(-1)
+    lse = m.squeeze(1) + s.log()
+    e = p.mul_(z).sum(-1)
+    n = targets.shape[0]
+    return lse[:n], (e / s)[:n], z[:n].gather(1, targets[:, None]).squeeze(1) - lse[:n]
+
+
+def logprobs_from_logits_chunked(z, targets):
+    """log p(targets) [T] fp32 from head_logits_chunked's z [T, V]: bit for bit token_logprobs_chunked of the
+    same rows (the same padded blocks and reductions), without a second pass over the LM head."""
+    T, V = z.shape
+    out = torch.empty(T, dtype=torch.float32, device=z.device)
+    block = torch.zeros(ROW_BLOCK, V, dtype=torch.float32, device=z.device)
+    p = torch.empty(ROW_BLOCK, V, dtype=torch.float32, device=z.device)
+    for first in range(0, T, ROW_BLOCK):
+        n = min(T, first + ROW_BLOCK) - first
+        block[:n] = z[first:first + n]
+        block[n:] = 0
+        out[first:first + n] = _block_logprobs(block, targets[first:first + n].long(), p)[2]
+    return out
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, return_entropy):
@@ -100,14 +126,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         p = torch.empty(ROW_BLOCK, V, dtype=torch.float32, device=hidden.device)
         for first, n, z in _logit_blocks(hidden, weight, temperature):
             rows = slice(first, first + n)
-            # Reductions over the whole padded block: their parallel split depends on the shape only.
-            m = z.amax(-1, keepdim=True)
-            s = torch.sub(z, m, out=p).exp_().sum(-1)
-            block_lse = m.squeeze(1) + s.log()
-            e = p.mul_(z).sum(-1)
-            lse[rows] = block_lse[:n]
-            mean_z[rows] = (e / s)[:n]
-            logp[rows] = z[:n].gather(1, targets[rows, None]).squeeze(1) - block_lse[:n]
+            lse[rows], mean_z[rows], logp[rows] = _block_logprobs(z, targets[rows], p)
         torch.sub(lse, mean_z, out=entropy)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
         ctx.temperature, ctx.return_entropy = temperature, return_entropy
@@ -242,3 +261,37 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
                                            enable_gqa=hq != hkv)
         out[start:end] = o[0].transpose(0, 1)
     return out
+
+
+# Philox4x32-10 (Salmon et al., SC'11), the counter-based generator of cuRAND and JAX: 32-bit words held in
+# int64 tensors, products split so that no intermediate exceeds 2^49 (exact on every device).
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: torch.Tensor, m: int):
+    low = a * (m & 0xFFFF)               # < 2^48
+    high = a * (m >> 16)                 # < 2^48: the product is low + high * 2^16
+    mid = low + ((high & 0xFFFF) << 16)  # < 2^49
+    return (mid >> 32) + (high >> 16), mid & _MASK32
+
+
+def philox4x32(counter: tuple, key: tuple) -> tuple:
+    """Philox4x32-10 of four counter words and two key words (int64 tensors of values < 2^32)."""
+    (c0, c1, c2, c3), (k0, k1) = counter, key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform number in [0, 1) (fp64, 53 random bits) per (seed, counter) pair: Philox keyed by the seed
+    (int64 >= 0) at counter `counters` (int64 >= 0), so a row's number depends on nothing else."""
+    seeds, counters = seeds.long(), counters.long()
+    zero = torch.zeros_like(counters)
+    x0, x1, _, _ = philox4x32((counters & _MASK32, counters >> 32, zero, zero), (seeds & _MASK32, seeds >> 32))
+    return ((x0 >> 5) * 67108864 + (x1 >> 6)).double() * 2.0 ** -53

@@ -206,5 +206,11 @@ def test_split_kv_pieces_depend_on_the_context_length_only():
     assert [-(-n // split_len(n, 64, *SPLITS[True])) for n in (1, 512, 513, 4096, 12288, 32768)] == [1, 1, 2, 8, 16, 16]
     # Exact mode keeps the trainer's tiles and never splits; fast decode packs the 7 heads of a group in 16 rows.
     exact, fast = (decode_plan(True, torch.bfloat16, 128, 7, m) for m in (True, False))
-    assert exact["decode"] == exact["prefill"] and exact["decode"]["split"] is None
+    assert exact["decode"] == exact["prefill"] and exact["decode"]["split"] is None   # unknown GPU
+    # Exact decode rows: the fewest rows with the training tile's instruction (wgmma: 64 rows, one warpgroup).
+    for capability, rows, warps in (((9, 0), 64, 4), ((8, 0), 16, 8), ((10, 0), 128, 8)):
+        plan = decode_plan(True, torch.bfloat16, 128, 7, True, capability)
+        assert (plan["decode"]["block_m"], plan["decode"]["launch"]["num_warps"]) == (rows, warps)
+        assert plan["prefill"] == exact["prefill"] and plan["decode"]["split"] is None
+    assert decode_plan(False, torch.float32, 64, 7, True)["decode"]["block_m"] == 16   # interpreter: < its 32
     assert (fast["decode"]["block_m"], fast["decode"]["split"], fast["prefill"]["split"]) == (16, SPLITS[True], None)

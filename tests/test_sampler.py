@@ -283,8 +283,39 @@ def test_sample_tokens_follows_the_truncated_distribution(top_k, top_p):
     expected = torch.where(keep, probs, 0.0)
     expected /= expected.sum()
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * draws
-    generators = [torch.Generator().manual_seed(i) for i in range(draws)]
-    tokens = sample_tokens((logits / temperature).expand(draws, 8).clone(), params, generators)
+    uniforms = kernels.philox_uniforms(torch.arange(draws), torch.zeros(draws, dtype=torch.int64))
+    tokens, complete = sample_tokens((logits / temperature).expand(draws, 8).clone(), params, uniforms)
+    assert complete.all()
     freq = torch.bincount(tokens, minlength=8).double() / draws
     sigma = (expected * (1 - expected) / draws).sqrt()
     assert torch.all((freq - expected).abs() <= 5 * sigma + 1e-12), (freq, expected)
+
+
+def test_top_p_over_candidates_is_the_full_draw_or_says_incomplete():
+    from rollout.sampler.sampling import sample_tokens
+    g = torch.Generator().manual_seed(0)
+    rows = 64
+    z = torch.randn(rows, 200, generator=g) * torch.linspace(0.2, 6, rows)[:, None]   # flat to peaked rows
+    params = [SamplingParams(top_p=0.9)] * rows
+    uniforms = kernels.philox_uniforms(torch.arange(rows), torch.zeros(rows, dtype=torch.int64))
+    full, every = sample_tokens(z, params, uniforms, candidates=None)
+    assert every.all()
+    part, complete = sample_tokens(z, params, uniforms, candidates=16)
+    # Independently: the nucleus closes within the 16 most likely tokens iff they hold >= 0.9 of the mass.
+    top16 = z.double().softmax(-1).topk(16).values.sum(-1)
+    clear = (top16 - 0.9).abs() > 1e-5
+    assert torch.equal(complete[clear], (top16 >= 0.9)[clear])
+    assert 0 < int(complete.sum()) < rows
+    assert torch.equal(part[complete], full[complete])
+
+
+def test_a_nucleus_wider_than_the_candidates_is_drawn_over_every_token(model):
+    prompts = prompts_of([6, 9, 13], seed=8)
+    params = [SamplingParams(top_p=0.98, seed=i, max_tokens=8, ignore_eos=True) for i in range(3)]
+    outs = {}
+    for candidates in (2, None):   # 2: every draw's nucleus is wider, so every draw takes the fallback
+        sampler = Sampler(model, num_blocks=32, block_size=4)
+        sampler.top_p_candidates = candidates
+        outs[candidates] = sampler.generate(prompts, params)
+    assert [o.token_ids for o in outs[2]] == [o.token_ids for o in outs[None]]
+    assert [o.logprobs for o in outs[2]] == [o.logprobs for o in outs[None]]

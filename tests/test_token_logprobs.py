@@ -186,3 +186,19 @@ def test_head_logits_are_the_logits_token_logprobs_uses(impl):
     logp = IMPLS[impl](hidden, weight, targets, temperature)
     from_z = torch.log_softmax(z.double(), -1).gather(1, targets[:, None]).squeeze(1)
     assert (logp.double() - from_z).abs().max() <= 2e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_logprobs_from_logits_are_token_logprobs_bitwise(impl, shape, small_chunks):
+    """The sampler's one pass over the LM head: log p from head_logits' z equals the fused op bit for bit."""
+    from kernels.ops.token_logprobs import head_logits_triton, logprobs_from_logits_triton
+    head, from_z = {"triton": (head_logits_triton, logprobs_from_logits_triton),
+                    "chunked": (reference.head_logits_chunked, reference.logprobs_from_logits_chunked)}[impl]
+    T, H, V, temperature = SHAPES[shape]
+    hidden, weight, targets, _, _ = make_inputs(T, H, V, seed=3)
+    for dtype in (torch.float32, torch.float16):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        want = IMPLS[impl](h, w, targets, temperature)
+        assert torch.equal(from_z(head(h, w, temperature), targets), want)
+        assert torch.equal(from_z(head(h[5:6], w, temperature), targets[5:6]), want[5:6])  # alone: same bits

@@ -13,8 +13,10 @@ Two modes (match_training):
 - exact: the training kernel's tiles (kernels/ops/attention.py: BLOCK_M, BLOCK_N, warps) and arithmetic (keys
   in BLOCK_N blocks from position 0, base-2 online softmax, scale folding), no split. Each element of a row is
   computed as the trainer computes it, whatever else shares the tile, so a row equals bit for bit what the
-  trainer gets for that token when k/v are stored in the activation dtype. Same tile shape, hence the same
-  tensor-core instruction as the trainer's (no assumption that a smaller tile computes the same bits).
+  trainer gets for that token when k/v are stored in the activation dtype. Prefill chunks use the training tile
+  itself; decode rows the fewest rows that compile to the same tensor-core instruction (exact_decode_block_m:
+  16 rows on sm_80 and for fp32, 64 on sm_90, else the training tile), so a decode step does not pay for 128
+  rows to fill 7.
 - fast: decode rows (sequences with one new token) use a 16-row tile and split-KV: the context of n keys is
   cut into pieces of split_len(n) keys (a function of n only, never of the batch), each piece's partial softmax
   goes to a buffer, and a second kernel merges the pieces of a row with one fixed-shape reduction. Sequences
@@ -22,6 +24,7 @@ Two modes (match_training):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -196,18 +199,45 @@ def split_len(ctx: int, block_n: int, split_min: int, max_splits: int) -> int:
     return max(triton.cdiv(triton.cdiv(ctx, max_splits), block_n) * block_n, split_min)
 
 
-def decode_plan(on_gpu: bool, dtype: torch.dtype, head_dim: int, group: int, match_training: bool) -> dict:
+def exact_decode_block_m(capability, dtype, group: int, train_block_m: int) -> tuple[int, int | None]:
+    """(rows, warps) of exact mode's decode tile on a device of compute capability (major, minor) (None: the
+    interpreter): the fewest rows that hold a KV head's `group` query heads and still compile to the training
+    tile's tensor-core instruction. Each element is then the training kernel's sum in its order (a row's bits
+    do not depend on the rows sharing its tile, as for linear.block_m_choices). fp32 and the interpreter:
+    fused multiply-adds, any tile; sm_8x: mma.sync at every size; sm_9x: wgmma needs 64 rows per warpgroup
+    (64 rows, 4 warps); other devices: unchecked, the training tile. benchmarks/gpu_compile.py checks the
+    instruction for sm_90 and sm_80, benchmarks/gpu_exact_check.py the bits on a device."""
+    rows = max(16, triton.next_power_of_2(group))
+    if capability is None or dtype == torch.float32 or capability[0] == 8:
+        return min(rows, train_block_m), None
+    if capability[0] == 9:
+        return min(max(64, rows), train_block_m), 4
+    return train_block_m, None
+
+
+def decode_plan(on_gpu: bool, dtype: torch.dtype, head_dim: int, group: int, match_training: bool,
+                capability=None) -> dict:
     """Tiles of a step: for sequences with one new token ("decode") and with several ("prefill"), each
-    dict(block_m, block_n, launch, split) with split = (SPLIT_MIN, MAX_SPLITS) or None."""
+    dict(block_m, block_n, launch, split) with split = (SPLIT_MIN, MAX_SPLITS) or None. capability: the GPU's
+    (major, minor) (exact mode's decode tile depends on it; None on a GPU: the training tile)."""
     tiles = training_tiles(head_dim, dtype, on_gpu)
     block_m, block_n = tiles["fwd"]
     train = dict(block_m=block_m, block_n=block_n, launch=tiles["launch"], split=None)
     if match_training:
-        return dict(decode=train, prefill=train)
+        if on_gpu and capability is None:
+            return dict(decode=train, prefill=train)
+        rows, warps = exact_decode_block_m(capability if on_gpu else None, dtype, group, block_m)
+        launch = dict(tiles["launch"], num_warps=warps) if warps else tiles["launch"]
+        return dict(decode=dict(train, block_m=rows, launch=launch), prefill=train)
     launch = dict(tiles["launch"], num_warps=4) if tiles["launch"] else {}
     decode = dict(block_m=max(16, triton.next_power_of_2(group)), block_n=block_n, launch=launch,
                   split=SPLITS[on_gpu])
     return dict(decode=decode, prefill=train)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_query_len,
@@ -226,7 +256,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
         q = q.contiguous()
     _, consts = training_launch_config(q)
     group = n_heads // n_kv_heads
-    plan = decode_plan(q.is_cuda and not INTERPRETING, q.dtype, head_dim, group, match_training)
+    on_gpu = q.is_cuda and not INTERPRETING
+    plan = decode_plan(on_gpu, q.dtype, head_dim, group, match_training,
+                       _capability(q.device.index or 0) if on_gpu else None)
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
 
     def launch(tiles, select, grid0, o_part=o, ml_part=o, n_part=1):
@@ -241,8 +273,13 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
     def tiles_for(tiles, query_len):  # query tiles of the longest sequence
         return triton.cdiv(query_len * group, tiles["block_m"])
 
-    if match_training:  # one launch, every sequence as the trainer tiles it
-        launch(plan["prefill"], 0, tiles_for(plan["prefill"], max_query_len))
+    if match_training:  # the trainer's tiles, or for decode rows fewer rows of the same arithmetic
+        if plan["decode"] == plan["prefill"]:
+            launch(plan["prefill"], 0, tiles_for(plan["prefill"], max_query_len))
+            return o
+        launch(plan["decode"], 1, tiles_for(plan["decode"], 1))
+        if max_query_len > 1:
+            launch(plan["prefill"], 2, tiles_for(plan["prefill"], max_query_len))
         return o
     decode = plan["decode"]
     split_min, max_splits = decode["split"]

@@ -27,6 +27,9 @@ BLOCK_T, BLOCK_V, BLOCK_H = 64, 128, 64
 V_SPLIT = 1024
 COMBINE_BLOCK = 128
 MATMUL_BLOCK = 64
+# No multiply-add contraction in the split kernels: z = logits * (1 / temperature) is then rounded once before
+# the softmax uses it, in the fused op as in the one over head_logits' stored z, so both give the same bits.
+SAME_ROUNDING = {"enable_fp_fusion": False}
 # Rows per backward chunk: the [chunk, V] d-logits buffer is the op's largest temporary.
 TRITON_CHUNK_ROWS = 2048
 
@@ -74,19 +77,54 @@ def _forward_split_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, T, V, H, stride_h, st
         col_mask = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                          BLOCK_T, BLOCK_V, BLOCK_H, FP32_DOT) * inv_temp
-        z_valid = tl.where(col_mask[None, :], z, float("-inf"))  # masked columns' z is 0: p * z = 0 there
-        m_new = tl.maximum(m, tl.max(z_valid, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z_valid - m_new[:, None])
-        s = s * alpha + tl.sum(p, 1)
-        e = e * alpha + tl.sum(p * z, 1)
-        z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-        m = m_new
+        m, s, e, z_tgt = _online_softmax_step(z, cols, col_mask, tgt, m, s, e, z_tgt)
+    _store_split(part_ptr, pid_s, rows, row_mask, T, m, s, e, z_tgt)
+
+
+@triton.jit
+def _online_softmax_step(z, cols, col_mask, tgt, m, s, e, z_tgt):
+    """Fold one [rows, BLOCK_V] tile of z into the running statistics (shared by both split kernels, so the
+    fused op and the one over stored logits do the same arithmetic)."""
+    z_valid = tl.where(col_mask[None, :], z, float("-inf"))  # masked columns' z is 0: p * z = 0 there
+    m_new = tl.maximum(m, tl.max(z_valid, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(z_valid - m_new[:, None])
+    s = s * alpha + tl.sum(p, 1)
+    e = e * alpha + tl.sum(p * z, 1)
+    z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+    return m_new, s, e, z_tgt
+
+
+@triton.jit
+def _store_split(part_ptr, pid_s, rows, row_mask, T, m, s, e, z_tgt):
     base = part_ptr + pid_s * 4 * T + rows
     tl.store(base, m, mask=row_mask)
     tl.store(base + T, s, mask=row_mask)
     tl.store(base + 2 * T, e, mask=row_mask)
     tl.store(base + 3 * T, z_tgt, mask=row_mask)
+
+
+@triton.jit
+def _stored_split_kernel(z_ptr, tgt_ptr, part_ptr, T, V, stride_z, V_SPLIT: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """_forward_split_kernel's statistics over logits already in memory (head_logits' z): same splits, same
+    tiles, same order, so the same bits without reading the LM head again."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_T,), tl.float32)
+    e = tl.zeros((BLOCK_T,), tl.float32)
+    z_tgt = tl.zeros((BLOCK_T,), tl.float32)
+    for v0 in range(pid_s * V_SPLIT, pid_s * V_SPLIT + V_SPLIT, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        m, s, e, z_tgt = _online_softmax_step(z, cols, col_mask, tgt, m, s, e, z_tgt)
+    _store_split(part_ptr, pid_s, rows, row_mask, T, m, s, e, z_tgt)
 
 
 @triton.jit
@@ -213,7 +251,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
             _forward_split_kernel[(triton.cdiv(T, BLOCK_T), num_splits)](
                 hidden, weight, targets, partial, T, V, H, hidden.stride(0), weight.stride(0),
                 1.0 / temperature, V_SPLIT=V_SPLIT, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
-                FP32_DOT=_fp32_dot(hidden))
+                FP32_DOT=_fp32_dot(hidden), **SAME_ROUNDING)
             _forward_combine_kernel[(triton.cdiv(T, COMBINE_BLOCK),)](
                 partial, logp, lse, entropy, mean_z, T, num_splits, BLOCK=COMBINE_BLOCK)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
@@ -269,5 +307,22 @@ def head_logits_triton(hidden, weight, temperature=1.0):
     if T:
         _head_logits_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(V, BLOCK_V))](
             hidden, weight, z, T, V, H, hidden.stride(0), weight.stride(0), z.stride(0), 1.0 / temperature,
-            BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, FP32_DOT=_fp32_dot(hidden))
+            BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, FP32_DOT=_fp32_dot(hidden), **SAME_ROUNDING)
     return z
+
+
+def logprobs_from_logits_triton(z, targets):
+    """log p(targets) [T] fp32 from head_logits_triton's z [T, V]: bit for bit token_logprobs_triton of the
+    same rows (the same splits, tiles and order), without a second pass over the LM head."""
+    (T, V), z = z.shape, z.contiguous()
+    targets = targets.contiguous()
+    outs = torch.empty(4, T, dtype=torch.float32, device=z.device)
+    if T:
+        num_splits = triton.cdiv(V, V_SPLIT)
+        partial = torch.empty(num_splits, 4, T, dtype=torch.float32, device=z.device)
+        _stored_split_kernel[(triton.cdiv(T, BLOCK_T), num_splits)](
+            z, targets, partial, T, V, z.stride(0), V_SPLIT=V_SPLIT, BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V,
+            **SAME_ROUNDING)
+        _forward_combine_kernel[(triton.cdiv(T, COMBINE_BLOCK),)](
+            partial, *outs.unbind(0), T, num_splits, BLOCK=COMBINE_BLOCK)
+    return outs[0]

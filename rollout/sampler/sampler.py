@@ -21,7 +21,7 @@ import kernels
 from engine import _C
 from rollout.sampler.kv_cache import KVCache, bytes_per_block
 from rollout.sampler.model_runner import ModelRunner
-from rollout.sampler.sampling import SamplingParams, sample_tokens
+from rollout.sampler.sampling import TOP_P_CANDIDATES, SamplingParams, row_seed, sample_tokens
 from rollout.sampler.scheduler import Scheduler
 from rollout.sampler.sequence import Completion, RequestOutput, Sequence, Status
 
@@ -72,6 +72,8 @@ class _Request:
 
 
 class Sampler:
+    top_p_candidates = TOP_P_CANDIDATES   # tokens a top_p-only draw looks at before it falls back to all
+
     def __init__(self, model, *, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  kv_cache_fraction: float = 0.8, kv_dtype: torch.dtype | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
@@ -261,12 +263,8 @@ class Sampler:
         return prompt
 
     def _new_sequence(self, request_id, sample_index, token_ids, prompt_len, params, base_seed) -> Sequence:
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed((base_seed * 1_000_003 + sample_index) % 2 ** 63)
-        seq = Sequence(self._next_seq_id, request_id, sample_index, token_ids, prompt_len, params, generator,
-                       base_seed)
+        seed = None if params.greedy else row_seed(base_seed, sample_index)
+        seq = Sequence(self._next_seq_id, request_id, sample_index, token_ids, prompt_len, params, seed, base_seed)
         self._next_seq_id += 1
         return seq
 
@@ -337,32 +335,57 @@ class Sampler:
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
         """Draw each row's token from softmax(z), z the temperature-scaled fp32 logits exactly as
-        kernels.token_logprobs computes them, which then reports log p(token) of that same distribution."""
+        kernels.token_logprobs computes them, and report log p(token) of that same distribution from the same
+        z (one pass over the LM head). Row i's uniform number is philox(its seed, its position): one launch for
+        the batch, and a sample's draws depend on its seed only, never on the batch."""
         weight = self.model.lm_head_weight
         params = [s.params for s in seqs]
-        tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+        n = len(seqs)
         by_temperature: dict[float, list[int]] = {}
         for i, p in enumerate(params):
             by_temperature.setdefault(p.temperature or 1.0, []).append(i)
-        logprob_rows = torch.full((len(seqs),), float("nan"), dtype=torch.float64, device=self.device)
+        groups = []   # (temperature, rows, their index on the device or None for all rows, their z)
         with torch.inference_mode():
+            keys = self._upload([[s.seed or 0 for s in seqs], [s.num_tokens for s in seqs]], torch.int64)
+            uniforms = kernels.philox_uniforms(keys[0], keys[1])
+            tokens = torch.empty(n, dtype=torch.int64, device=self.device)
+            out = torch.empty(3, n, dtype=torch.float64, device=self.device)   # token, log-prob, complete
             for temperature, idx in by_temperature.items():
-                index = torch.tensor(idx, device=self.device)
-                rows = hidden[index]
-                z = kernels.head_logits(rows, weight, temperature)
-                picked = sample_tokens(z, [params[i] for i in idx], [seqs[i].generator for i in idx])
-                tokens[index] = picked
-                wanted = [k for k, i in enumerate(idx) if params[i].logprobs]
-                if wanted:
-                    k = torch.tensor(wanted, device=self.device)
-                    # The ids are the sampler's own draws: in range, no range check (it would sync the device).
-                    logprob_rows[index[k]] = kernels.token_logprobs(rows[k], weight, picked[k], temperature,
-                                                                    check_ids=False).double()
-            # One device-to-host transfer for the step: tokens and log-probs together (fp64 holds both exactly).
-            both = torch.stack([tokens.double(), logprob_rows]).tolist()
+                index = None if len(idx) == n else self._upload(idx, torch.int64)
+                z = kernels.head_logits(hidden if index is None else hidden[index], weight, temperature)
+                groups.append((temperature, idx, index, z))
+                picked, complete = sample_tokens(z, [params[i] for i in idx],
+                                                 uniforms if index is None else uniforms[index],
+                                                 self.top_p_candidates)
+                rows = slice(None) if index is None else index
+                tokens[rows] = picked
+                out[1, rows] = kernels.logprobs_from_logits(z, picked).double()
+                out[2, rows] = complete.double()
+            out[0] = tokens.double()   # fp64 holds token ids exactly
+            both = out.tolist()        # the step's one device-to-host transfer
+            if not all(both[2]):       # a top_p nucleus wider than the candidates: those rows over all tokens
+                self._redraw(both, groups, params, uniforms)
         tokens_out = [int(t) for t in both[0]]
         logprobs = [None if not p.logprobs else v for p, v in zip(params, both[1])]
         return tokens_out, logprobs
+
+    def _redraw(self, both, groups, params, uniforms) -> None:
+        for _, idx, index, z in groups:
+            local = [k for k, i in enumerate(idx) if not both[2][i]]
+            if not local:
+                continue
+            rows = torch.tensor(local, device=self.device)
+            mine = uniforms if index is None else uniforms[index]
+            picked, _ = sample_tokens(z[rows], [params[idx[k]] for k in local], mine[rows], candidates=None)
+            logp = kernels.logprobs_from_logits(z[rows], picked)
+            for k, token, value in zip(local, picked.tolist(), logp.double().tolist()):
+                both[0][idx[k]], both[1][idx[k]] = token, value
+
+    def _upload(self, values, dtype) -> torch.Tensor:
+        """Host numbers onto the device without blocking it: through pinned memory on CUDA (the caching host
+        allocator keeps the buffer until the copy is done)."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):
         """The sampled token (already given to the block manager) joins the sequence, which may finish."""

@@ -55,40 +55,68 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample_tokens(z: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator]) -> torch.Tensor:
+# Top-p draws look at the most likely TOP_P_CANDIDATES tokens (one top-k selection, no sort of the vocabulary);
+# a row whose nucleus is wider is reported incomplete and drawn again over the sorted vocabulary.
+TOP_P_CANDIDATES = 1024
+
+
+def row_seed(base_seed: int, sample_index: int) -> int:
+    """The generator key of a request's sample: its draws are philox(key, position of the drawn token)."""
+    return (base_seed * 1_000_003 + sample_index) % 2 ** 63
+
+
+def sample_tokens(z: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor,
+                  candidates: int | None = TOP_P_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
     """One next token per row of z [B, V] (fp32 logits already divided by the row's temperature: the numbers
-    whose log-softmax the sampler reports). Greedy rows take the argmax; the others sample from softmax(z)
-    truncated to the top_k tokens and then to the top_p nucleus, by inverse CDF with one uniform number from
-    the row's generator (so a request's samples depend only on its seed and its params, not on the batch)."""
-    logits = z
-    tokens = logits.argmax(-1)
-    plain = [i for i, p in enumerate(params) if not p.greedy and not p.top_k and p.top_p == 1]
-    truncated = [i for i, p in enumerate(params) if not p.greedy and (p.top_k or p.top_p < 1)]
-    if plain:
-        index = torch.tensor(plain, device=logits.device)
-        probs = logits[index].softmax(-1)
-        tokens[index] = _draw(probs, [generators[i] for i in plain])
-    if truncated:
-        # Truncation works on the tokens sorted by probability; the draw then indexes that order.
-        index = torch.tensor(truncated, device=logits.device)
-        scaled, order = logits[index].sort(-1, descending=True)
-        vocab = logits.shape[-1]
-        top_k = torch.tensor([params[i].top_k or vocab for i in truncated], device=logits.device)
-        ranks = torch.arange(vocab, device=logits.device)
-        probs = scaled.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf")).softmax(-1)
-        top_p = torch.tensor([params[i].top_p for i in truncated], device=logits.device, dtype=torch.float32)
-        mass_before = probs.cumsum(-1) - probs  # the most likely token is always kept
-        # top_p == 1 cuts nothing (the rounded cumulative sum may reach 1 before the last token).
-        probs = probs.masked_fill((mass_before >= top_p[:, None]) & (top_p[:, None] < 1), 0.0)
-        picked = _draw(probs, [generators[i] for i in truncated])
-        tokens[index] = order.gather(-1, picked[:, None]).squeeze(-1)
-    return tokens
+    whose log-softmax the sampler reports) -> (tokens [B], complete [B] bool). Greedy rows take the argmax; the
+    others sample from softmax(z) truncated to the top_k tokens and then to the top_p nucleus, by inverse CDF
+    at the row's uniform number (uniforms [B] fp64: a row's draw depends on its own z, params and number only).
+    Truncation works on a top-k selection, never a sort of the vocabulary: top_k rows on their k best tokens,
+    top_p-only rows on the `candidates` best (None: all); complete is False where the nucleus did not close
+    within them (that row's token is not valid: draw it again with candidates=None)."""
+    vocab = z.shape[-1]
+    tokens = z.argmax(-1)
+    complete = torch.ones(len(params), dtype=torch.bool, device=z.device)
+    groups: dict[tuple[int, bool] | None, list[int]] = {}   # None: untruncated; else (candidates, top_k given)
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        if not p.top_k and p.top_p == 1:
+            groups.setdefault(None, []).append(i)
+        else:
+            k = min(p.top_k, vocab) if p.top_k else min(candidates or vocab, vocab)
+            groups.setdefault((k, bool(p.top_k)), []).append(i)
+    for key, rows in groups.items():
+        every = len(rows) == len(params)
+        index = None if every else torch.tensor(rows, device=z.device)
+        zr, u = (z, uniforms) if every else (z[index], uniforms[index])
+        if key is None:
+            picked = _draw(zr.softmax(-1), u)
+        else:
+            k, renormalise = key
+            best, order = zr.topk(k, dim=-1)   # sorted, most likely first
+            # top_k: softmax over the k kept tokens; top_p alone: the full distribution's probabilities.
+            probs = best.softmax(-1) if renormalise else (best - zr.logsumexp(-1, keepdim=True)).exp()
+            top_p = torch.tensor([params[i].top_p for i in rows], device=z.device, dtype=torch.float32)[:, None]
+            cumulative = probs.cumsum(-1)
+            # The most likely token is always kept; top_p == 1 cuts nothing (the rounded sum may reach 1 early).
+            probs = probs.masked_fill((cumulative - probs >= top_p) & (top_p < 1), 0.0)
+            if not renormalise and k < vocab:
+                closed = cumulative[:, -1:] >= top_p
+                if every:
+                    complete = closed[:, 0]
+                else:
+                    complete[index] = closed[:, 0]
+            picked = order.gather(-1, _draw(probs, u)[:, None]).squeeze(-1)
+        if every:
+            tokens = picked
+        else:
+            tokens[index] = picked
+    return tokens, complete
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Inverse CDF: one uniform number per row from its own generator."""
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF at one uniform number per row."""
     cdf = probs.double().cumsum(-1)  # fp64: tokens of tiny probability keep a non-empty interval
-    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
-    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)
     return picked.squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from rollout.sampler.sampling import SamplingParams
 
 
@@ -23,8 +21,8 @@ class Sequence:
     token_ids: list[int]              # prompt, then the completion so far
     prompt_len: int
     params: SamplingParams
-    generator: torch.Generator | None  # None for greedy requests
-    base_seed: int = 0                # the request's seed; sample i's generator is seeded from (base_seed, i)
+    seed: int | None                  # the key of its draws (sampling.row_seed); None for greedy requests
+    base_seed: int = 0                # the request's seed, from which each sample's key is made
     forks_left: int = 0               # samples still to fork from this one when its prompt is computed
     status: Status = Status.WAITING
     num_computed: int = 0             # leading tokens whose KV is in the cache
