@@ -25,8 +25,9 @@ class PackedStep:
     """What prepare hands to forward: the step's inputs uploaded in one buffer (BlockManager.pack_step's
     layout) and the host facts about them."""
     packed: torch.Tensor   # int64, on the device
-    sizes: list[int]       # lengths of its parts: ids, positions, slots, cu_seqlens, context lens, rows, last
-    width: int             # rows, copies, table entries; the widest block table
+    sizes: list[int]       # its parts' lengths: ids, positions, slots, cu_seqlens, context lens, rows, last
+                           # rows, copies, table entries
+    width: int             # the widest block table of the step
     max_query_len: int
     num_tokens: int
 

@@ -305,8 +305,12 @@ class Sampler:
         t4 = time.perf_counter()
         self.block_manager.append_batch([seq.seq_id for seq in sampling], tokens)
         self.stats.generated_tokens += len(sampling)
+        done: list[Sequence] = []
         for seq, token, logprob in zip(sampling, tokens, logprobs):
-            self._append(seq, token, logprob, finished)
+            self._append(seq, token, logprob, done)
+        self.scheduler.finish(done)
+        for seq in done:
+            self._complete(seq, finished)
         t5 = time.perf_counter()
         s = self.stats
         s.steps += 1
@@ -387,16 +391,18 @@ class Sampler:
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):
+    def _append(self, seq: Sequence, token: int, logprob: float | None, done: list[Sequence]):
         """The sampled token (already given to the block manager) joins the sequence, which may finish."""
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         reason = self._finish_reason(seq, token)
-        if reason is None:
-            return
-        seq.finish_reason, seq.stop_reason = reason
-        self.scheduler.finish(seq)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            done.append(seq)
+
+    def _complete(self, seq: Sequence, finished: list[RequestOutput]):
+        """A finished sequence's completion; its request's output once all its samples are done."""
         request = self._requests[seq.request_id]
         request.completions[seq.sample_index] = Completion(
             seq.completion_ids, seq.logprobs if seq.params.logprobs else None, seq.finish_reason, seq.stop_reason)

@@ -130,9 +130,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
-        """Take a finished sequence out of the batch and release its blocks (full ones stay cached)."""
-        self.block_manager.free(seq.seq_id)
-        self.on_free(seq)
-        self.running.remove(seq)
-        seq.status = Status.FINISHED
+    def finish(self, seqs: list[Sequence]) -> None:
+        """Take finished sequences out of the batch and release their blocks (full ones stay cached); one pass
+        over the batch for all of them (a step may finish every sequence)."""
+        for seq in seqs:
+            self.block_manager.free(seq.seq_id)
+            self.on_free(seq)
+            seq.status = Status.FINISHED
+        if seqs:
+            self.running[:] = [s for s in self.running if s.status is not Status.FINISHED]
