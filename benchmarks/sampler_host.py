@@ -3,8 +3,8 @@ SamplerStats.host_ms_per_step at batch 256 with 1K- and 8K-token contexts (tiny 
 own time is excluded: the stats split host from device time), and the device syncs per step. Steady-state
 decode steps: the step that first meets a sequence uploads its whole block table once, and Python's garbage
 collector first walks the 256 new token lists (8K entries each at 8K context) until they reach its oldest
-generation; both are admission costs, so each measured window starts after the admission steps and a
-gc.collect().
+generation; both are admission costs, so each measured window starts after the admission steps, a
+gc.collect() and one more step (the collection walks those lists too, evicting the caches: that step pays).
 
 Device syncs are counted by wrapping, during the measured steps, the calls that make the host wait for the GPU:
 - device-to-host reads: Tensor.tolist / item / cpu;
@@ -93,6 +93,7 @@ def measure(context: int, repeats: int = REPEATS) -> dict:
         while sampler.stats.generated_tokens - generated < 2 * BATCH:
             sampler.step()   # prefill, the first token of every sample, then the step that meets the 256 new ones
         gc.collect()
+        sampler.step()
         before = (sampler.stats.host_seconds, sampler.stats.steps)
         with DeviceSyncs() as counter:
             steps = 0

@@ -53,14 +53,14 @@ uint64_t block_hash(uint64_t parent, const int32_t* tokens, int n) {
   return h == kNoHash ? 1 : h;
 }
 
-struct Block {
+struct Block {  // the fields every step reads first, in one cache line
   int ref_count = 0;
-  uint64_t hash = kNoHash;      // kNoHash: not in the prefix cache
-  std::vector<int32_t> tokens;  // the block's tokens while cached (hit confirmation)
   bool ready = false;           // KV computed (only meaningful for cached blocks)
-  int64_t owner = -1;           // sequence computing a pending cached block, -1 if none
-  std::list<int>::iterator lru_pos;
   bool in_lru = false;
+  int64_t owner = -1;           // sequence computing a pending cached block, -1 if none
+  uint64_t hash = kNoHash;      // kNoHash: not in the prefix cache
+  std::list<int>::iterator lru_pos;
+  std::vector<int32_t> tokens;  // the block's tokens while cached (hit confirmation)
 };
 
 struct Seq {
