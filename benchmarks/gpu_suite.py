@@ -13,7 +13,8 @@ SKIP, and a crash inside a check is an ERROR row, after which the suite goes on)
   model_vs_hf       the model's logits (fp32, bf16) and gradients (fp32) vs transformers' Qwen2 (random weights;
                     Qwen2.5-0.5B, 2-layer Qwen2.5-7B shape)
   sampler_checks    greedy == transformers generate (fp32); exact-mode sampler log-probs bit-identical to the
-                    training forward (bf16); CUDA-graph decode == eager decode
+                    training forward (bf16); CUDA-graph decode == eager decode; CUDA-graph decode + prefill
+                    chunk (the agent loop's step) == eager
   rollout_fsdp      rollout mode on a one-rank FSDP2 model (NCCL) == unsharded, with its switch cost
   grpo              a GRPO update through engine/training/rl.py's path on a tiny model (FSDP2, rollout mode,
                     exact mode: the first ratio is 1)
@@ -753,6 +754,41 @@ def section_sampler_checks(suite: Suite, sec: Section):
             detail += " (dry run: no CUDA graphs on the CPU, both runs eager)"
         return dict(status="PASS" if same_tokens and same_logp else "FAIL", detail=detail)
     sec.check("CUDA-graph decode == eager decode (exact mode)", graphs)
+
+    def mixed_graphs():
+        # The agent loop's step: requests arrive while others decode, so steps carry decode rows plus a prefill
+        # chunk, which the (B + C tokens, C per sequence) graphs take. Dry run: the same graph path, run eagerly
+        # through the padded buffers (no CUDA graphs on the CPU), in the interpreter.
+        model = get_model().to(suite.pick(torch.bfloat16, dry=torch.float32))
+        model.exact = True
+        arriving = prompts_of(suite.pick([20, 3, 50, 7, 90, 11, 64, 2], dry=[5, 9, 3]), vocab, seed=6)
+        params = [SamplingParams(temperature=1.0, max_tokens=new, seed=i, ignore_eos=True) for i in range(len(arriving))]
+        chunk = suite.pick(64, dry=8)
+        graph_pool = dict(pool, max_num_batched_tokens=suite.pick(256, dry=12), cuda_graph_max_query_len=chunk)
+
+        def run(sampler):
+            ids, results = [], {}
+            for prompt, p in zip(arriving, params):
+                ids.append(sampler.add_request(prompt, p))
+                for _ in range(2):
+                    results.update((o.request_id, o.completions[0]) for o in sampler.step())
+            while sampler.has_unfinished():
+                results.update((o.request_id, o.completions[0]) for o in sampler.step())
+            return [results[i] for i in ids], sampler
+
+        with suite.triton_kernels():
+            with_graphs, sampler = run(Sampler(model, cuda_graph_sizes=suite.pick((1, 2, 4, 8, 16), dry=(1, 2, 4)),
+                                               **graph_pool))
+            eager, _ = run(Sampler(model, cuda_graph_sizes=(), **graph_pool))
+        replays = sampler.runner.graphs.replays
+        mixed = sum(n for (_, q), n in replays.items() if q > 1)
+        same = all(a.token_ids == b.token_ids and a.logprobs == b.logprobs for a, b in zip(with_graphs, eager))
+        detail = (f"tokens and log-probs {'bit-identical' if same else 'DIFFER'}; {sum(replays.values())} graph "
+                  f"steps, {mixed} of them decode + prefill chunk (up to {chunk} tokens per sequence)")
+        if suite.device.type != "cuda":
+            detail += " (dry run: graph path without CUDA graphs)"
+        return dict(status="PASS" if same and mixed else "FAIL", detail=detail)
+    sec.check("CUDA-graph decode + prefill chunk == eager (exact mode)", mixed_graphs)
     state.clear()
 
 

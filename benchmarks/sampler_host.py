@@ -1,13 +1,29 @@
 """Host work of one sampler decode step, which must not grow with context length (the GPU would wait on Python):
 SamplerStats.host_ms_per_step at batch 256 with 1K- and 8K-token contexts (tiny model on the CPU, so the model's
-own time is excluded: the stats split host from device time), and the host reads of tensors per step
-(Tensor.tolist / item / cpu calls, counted by wrapping them: each is a device sync on a GPU). Steady-state
-decode steps: the step that first meets a sequence uploads its whole block table once (admission cost).
+own time is excluded: the stats split host from device time), and the device syncs per step. Steady-state
+decode steps: the step that first meets a sequence uploads its whole block table once, and Python's garbage
+collector first walks the 256 new token lists (8K entries each at 8K context) until they reach its oldest
+generation; both are admission costs, so each measured window starts after the admission steps, a
+gc.collect() and one more step (the collection walks those lists too, evicting the caches: that step pays).
+
+Device syncs are counted by wrapping, during the measured steps, the calls that make the host wait for the GPU:
+- device-to-host reads: Tensor.tolist / item / cpu;
+- blocking host-to-device copies of host data: torch.tensor / torch.as_tensor given a device= (Python data
+  sent to the device: on CUDA a pageable copy, which waits for the stream), and Tensor.to / Tensor.cuda of a
+  CPU tensor to a device without non_blocking=True (the runner's one upload per step is non_blocking, from
+  a buffer pinned on CUDA, and is not counted).
+Calls made from kernels/reference.py are left out: those are the CPU-only PyTorch reference ops (CUDA runs the
+Triton kernels, which read their metadata on the device). Not seen by the count: __setitem__ / copy_ from host
+data (the step path has none) and the Triton ops' own host code (not run on the CPU). Each counted call is
+attributed to the function that made it (the JSON's sync_sites).
 
     python benchmarks/sampler_host.py [--out benchmarks/results]   -> sampler_host.json, sampler_host.md
 """
 import argparse
+import collections
+import gc
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -19,28 +35,48 @@ from engine.config import ModelConfig  # noqa: E402
 from engine.model import Qwen2ForCausalLM  # noqa: E402
 from rollout import Sampler, SamplingParams  # noqa: E402
 
-BATCH, DECODE_STEPS = 256, 8
+BATCH, DECODE_STEPS, REPEATS = 256, 8, 5
 
 
-class HostReads:
-    """Counts calls of the tensor methods that bring device data to the host."""
-    NAMES = ("tolist", "item", "cpu")
+class DeviceSyncs:
+    """Counts the calls that would make the host wait for the device (the module docstring), by caller."""
+    READS = ("tolist", "item", "cpu")
 
     def __enter__(self):
-        self.count, self._saved = 0, {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        for name, original in self._saved.items():
-            def counted(t, *a, _original=original, **k):
-                self.count += 1
-                return _original(t, *a, **k)
-            setattr(torch.Tensor, name, counted)
+        self.sites = collections.Counter()
+        self._saved = [(torch.Tensor, n, getattr(torch.Tensor, n)) for n in (*self.READS, "to", "cuda")]
+        self._saved += [(torch, n, getattr(torch, n)) for n in ("tensor", "as_tensor")]
+        for owner, name, original in self._saved:
+            def counted(*a, _name=name, _original=original, **k):
+                if self._syncs(_name, a, k):
+                    caller = sys._getframe(1).f_code
+                    if not caller.co_filename.endswith(os.path.join("kernels", "reference.py")):
+                        self.sites[f"{Path(caller.co_filename).name}:{caller.co_name} {_name}"] += 1
+                return _original(*a, **k)
+            setattr(owner, name, counted)
         return self
 
+    def _syncs(self, name, args, kwargs) -> bool:
+        if name in self.READS:
+            return True
+        if name in ("tensor", "as_tensor"):
+            return kwargs.get("device") is not None
+        source = args[0]
+        if source.device.type != "cpu" or kwargs.get("non_blocking"):
+            return False
+        target = kwargs.get("device", args[1] if len(args) > 1 else None)
+        return name == "cuda" or isinstance(target, (torch.device, str, torch.Tensor))
+
+    @property
+    def count(self) -> int:
+        return sum(self.sites.values())
+
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
 
 
-def measure(context: int, repeats: int = 3) -> dict:
+def measure(context: int, repeats: int = REPEATS) -> dict:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -49,23 +85,27 @@ def measure(context: int, repeats: int = 3) -> dict:
     sampler = Sampler(model, num_blocks=BATCH * 2 + per_seq_blocks, block_size=16, max_num_seqs=BATCH,
                       max_num_batched_tokens=max(4096, context))
     prompt = torch.randint(0, 512, (context,)).tolist()
-    host_ms, reads = [], []
+    host_ms, syncs, sites = [], [], collections.Counter()
     for r in range(repeats):
         # One prompt, 256 samples sharing its KV blocks: prefill once, then pure decode steps at full context.
         generated = sampler.stats.generated_tokens
         sampler.add_request(prompt, SamplingParams(n=BATCH, max_tokens=DECODE_STEPS + 1, ignore_eos=True, seed=r))
         while sampler.stats.generated_tokens - generated < 2 * BATCH:
             sampler.step()   # prefill, the first token of every sample, then the step that meets the 256 new ones
+        gc.collect()
+        sampler.step()
         before = (sampler.stats.host_seconds, sampler.stats.steps)
-        with HostReads() as counter:
+        with DeviceSyncs() as counter:
             steps = 0
             while sampler.has_unfinished():
                 sampler.step()
                 steps += 1
         host_ms.append(1e3 * (sampler.stats.host_seconds - before[0]) / (sampler.stats.steps - before[1]))
-        reads.append(counter.count / steps)
+        syncs.append(counter.count / steps)
+        sites.update({site: n / steps / repeats for site, n in counter.sites.items()})
     return {"context": context, "batch": BATCH, "host_ms_per_step": statistics.median(host_ms),
-            "host_reads_per_step": statistics.median(reads)}
+            "host_ms_per_step_repeats": host_ms, "device_syncs_per_step": statistics.median(syncs),
+            "sync_sites": dict(sorted(sites.items()))}
 
 
 def main(argv=None) -> int:
@@ -79,10 +119,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sampler_host.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| context | batch | host ms / step (median of 3) | host reads / step |", "|---|---|---|---|"]
-    lines += [f"| {r['context']} | {r['batch']} | {r['host_ms_per_step']:.2f} | {r['host_reads_per_step']:.1f} |"
+    lines = [f"| context | batch | host ms / step (median of {REPEATS}) | device syncs / step |", "|---|---|---|---|"]
+    lines += [f"| {r['context']} | {r['batch']} | {r['host_ms_per_step']:.2f} | {r['device_syncs_per_step']:.1f} |"
               for r in rows]
     lines.append(f"\n8K / 1K host time: {ratio:.2f} (goal <= 1.25; goal <= 2 ms per step, 1 sync per step).")
+    lines.append("\nDevice syncs per step by call site (8K; see the script's docstring for what is counted):\n")
+    lines += [f"- `{site}`: {n:.1f}" for site, n in rows[1]["sync_sites"].items()]
     (out / "sampler_host.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -12,16 +12,21 @@
 // - fork() shares all blocks of a sequence (n samples of one prompt); a write into a shared block copies it
 //   first (copy-on-write), and the caller performs the returned (src, dst) copies on the KV pool.
 // - bump_version() forgets every cached prefix (their KV was computed with older weights).
+// - pack_step() writes a model step's inputs (token ids, positions, KV slots) and the block-table entries the
+//   model runner's device copy lacks into one host buffer: the runner's per-step host work is one call.
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <list>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -48,21 +53,23 @@ uint64_t block_hash(uint64_t parent, const int32_t* tokens, int n) {
   return h == kNoHash ? 1 : h;
 }
 
-struct Block {
+struct Block {  // the fields every step reads first, in one cache line
   int ref_count = 0;
-  uint64_t hash = kNoHash;      // kNoHash: not in the prefix cache
-  std::vector<int32_t> tokens;  // the block's tokens while cached (hit confirmation)
   bool ready = false;           // KV computed (only meaningful for cached blocks)
-  int64_t owner = -1;           // sequence computing a pending cached block, -1 if none
-  std::list<int>::iterator lru_pos;
   bool in_lru = false;
+  int64_t owner = -1;           // sequence computing a pending cached block, -1 if none
+  uint64_t hash = kNoHash;      // kNoHash: not in the prefix cache
+  std::list<int>::iterator lru_pos;
+  std::vector<int32_t> tokens;  // the block's tokens while cached (hit confirmation)
 };
 
 struct Seq {
   std::vector<int32_t> tokens;
   std::vector<int> table;  // block ids
   int num_hashed = 0;      // leading blocks whose chained hash is known
+  int num_committed = 0;   // leading blocks commit() has settled (ready or uncached): never looked at again
   uint64_t last_hash = kNoHash;
+  std::vector<int> uploaded;  // the table as pack_step last gave it to the runner's device row (empty: never)
 };
 
 class BlockManager {
@@ -165,6 +172,18 @@ class BlockManager {
     return copies;
   }
 
+  // A step's bookkeeping in one call each: commit(seq_ids[i], num_computed[i]) for every i, and one new token
+  // for each sequence.
+  void commit_batch(const std::vector<int64_t>& seq_ids, const std::vector<int>& num_computed) {
+    if (num_computed.size() != seq_ids.size())
+      throw std::invalid_argument("commit_batch: seq_ids and num_computed differ in length");
+    for (size_t i = 0; i < seq_ids.size(); ++i) commit(seq_ids[i], num_computed[i]);
+  }
+  void append_batch(const std::vector<int64_t>& seq_ids, const std::vector<int32_t>& tokens) {
+    if (tokens.size() != seq_ids.size()) throw std::invalid_argument("append_batch: seq_ids and tokens differ in length");
+    for (size_t i = 0; i < seq_ids.size(); ++i) seq(seq_ids[i]).tokens.push_back(tokens[i]);
+  }
+
   // Records that the KV of the first `num_computed` tokens is in the cache: their full blocks become ready
   // and cached (registered under their chained hash unless an equal block is cached already).
   void commit(int64_t seq_id, int num_computed) {
@@ -176,7 +195,7 @@ class BlockManager {
                                   std::to_string(seq_id) + " (" + std::to_string(s.tokens.size()) + " tokens, " +
                                   std::to_string(covered) + " covered by its blocks)");
     const int n_full = num_computed / block_size_;
-    for (int i = 0; i < n_full; ++i) {
+    for (int i = s.num_committed; i < n_full; ++i) {
       Block& blk = blocks_[s.table[i]];
       if (i >= s.num_hashed) {
         s.last_hash = block_hash(s.last_hash, s.tokens.data() + i * block_size_, block_size_);
@@ -192,6 +211,7 @@ class BlockManager {
         blk.owner = -1;
       }
     }
+    s.num_committed = std::max(s.num_committed, n_full);
   }
 
   // The position (>= start) up to which the sequence can compute now: it stops at the first pending cached
@@ -227,6 +247,7 @@ class BlockManager {
   void fork(int64_t parent_id, int64_t child_id) {
     if (seqs_.count(child_id)) throw std::invalid_argument("sequence " + std::to_string(child_id) + " already allocated");
     Seq child = seq(parent_id);
+    child.uploaded.clear();  // the child gets a device row of its own
     for (int b : child.table) take(b);
     seqs_.emplace(child_id, std::move(child));
   }
@@ -245,6 +266,132 @@ class BlockManager {
     return std::vector<int>(t.begin() + std::min<size_t>(std::max(start, 0), t.size()), t.end());
   }
   int ref_count(int block) const { return blocks_.at(block).ref_count; }
+
+  // The scheduler's pass over its running sequences, in order, under a token budget: for each, skip the
+  // prefix whose KV is ready in the cache (the last token always runs: its row gives the logits), stop at a
+  // block another sequence is computing, cap the chunk by the budget and make its write range private
+  // (prepare_write). Returns (indices, starts, stops, write_froms: the chunks; skipped: flat (index,
+  // num_computed) of every sequence whose cached prefix was skipped; the block copies; the tokens skipped;
+  // failed): failed is the index of the first sequence whose blocks do not fit (its chunk, planned but not
+  // prepared, is the last one: the caller preempts and retries it), or -1.
+  py::tuple plan_chunks(const std::vector<int64_t>& seq_ids, const std::vector<int>& num_computed, int budget) {
+    if (num_computed.size() != seq_ids.size())
+      throw std::invalid_argument("plan_chunks: seq_ids and num_computed differ in length");
+    std::vector<int> indices, starts, stops, write_froms, skipped;
+    std::vector<std::pair<int, int>> copies;
+    int64_t cached = 0;
+    int failed = -1;
+    for (size_t i = 0; i < seq_ids.size() && budget > 0; ++i) {
+      const int64_t id = seq_ids[i];
+      const int n_tokens = static_cast<int>(seq(id).tokens.size());
+      int start = num_computed[i];
+      const int ready = ready_until(id, start);
+      if (ready > start) {
+        const int skip_to = std::min(ready, n_tokens - 1);
+        if (skip_to > start) {
+          cached += skip_to - start;
+          start = skip_to;
+          skipped.push_back(static_cast<int>(i));
+          skipped.push_back(start);
+        }
+      }
+      const int limit = computable_until(id, start);
+      if (limit <= start) continue;  // waiting for another sequence to compute a shared block
+      const int stop = std::min({n_tokens, limit, start + budget});
+      const int write_from = std::max(start, std::min(ready, stop));
+      indices.push_back(static_cast<int>(i));
+      starts.push_back(start);
+      stops.push_back(stop);
+      write_froms.push_back(write_from);
+      auto prepared = prepare_write(id, write_from, stop);
+      if (!prepared) {
+        failed = static_cast<int>(i);
+        break;
+      }
+      copies.insert(copies.end(), prepared->begin(), prepared->end());
+      budget -= stop - start;
+    }
+    return py::make_tuple(indices, starts, stops, write_froms, skipped, copies, cached, failed);
+  }
+
+  // One model step's inputs, packed into `out` (int64: the runner's host staging buffer) for one copy to the
+  // device. Chunk i runs tokens [starts[i], stops[i]) of sequence seq_ids[i], writing their KV from
+  // write_froms[i] on (the earlier ones are cached: slot -1); its block table is row rows[i] of the runner's
+  // device tables; if it reaches the end of the sequence, its last row gives samples[i] sampled sequences (1,
+  // or more for a prompt whose forks start now). Layout, T tokens, B chunks, S samples, C copies, K entries:
+  //   ids[T] positions[T] slots[T] cu_seqlens[B+1] context_lens[B] rows[B] last_rows[S] copies[2][C]
+  //   changes[K][3]: (row, column, block) of each table entry the device row lacks (only entries from the
+  //   write range on can change while a sequence lives; a new row gets them all).
+  // -> (elements written, S, K, widest table), or (-elements needed, 0, 0, 0) if `out` is too short (then
+  // nothing changed).
+  std::tuple<int64_t, int64_t, int64_t, int> pack_step(
+      const std::vector<int64_t>& seq_ids, const std::vector<int>& starts, const std::vector<int>& stops,
+      const std::vector<int>& write_froms, const std::vector<int>& rows, const std::vector<int>& samples,
+      const std::vector<std::pair<int, int>>& copies, py::array out) {
+    // Written in place: an array pybind11 would convert (another dtype, strided) would take the writes instead.
+    if (!py::isinstance<py::array_t<int64_t>>(out) || out.ndim() != 1 || !(out.flags() & py::array::c_style) ||
+        !out.writeable())
+      throw std::invalid_argument("pack_step: out must be a writable contiguous 1-D int64 array");
+    const size_t n = seq_ids.size();
+    if (starts.size() != n || stops.size() != n || write_froms.size() != n || rows.size() != n || samples.size() != n)
+      throw std::invalid_argument("pack_step: seq_ids, starts, stops, write_froms, rows and samples differ in length");
+    std::vector<Seq*> seqs(n);
+    std::vector<size_t> firsts(n);  // first table entry that may differ from the device row
+    int64_t n_tokens = 0, n_samples = 0, n_changes = 0;
+    for (size_t i = 0; i < n; ++i) {
+      Seq& s = *(seqs[i] = &seq(seq_ids[i]));
+      const int n_seq = static_cast<int>(s.tokens.size());
+      const int covered = std::min(n_seq, static_cast<int>(s.table.size()) * block_size_);
+      if (starts[i] < 0 || write_froms[i] < starts[i] || stops[i] < write_froms[i] || stops[i] > covered)
+        throw std::invalid_argument("pack_step: chunk [" + std::to_string(starts[i]) + ", " +
+                                    std::to_string(stops[i]) + ") writing from " + std::to_string(write_froms[i]) +
+                                    " is outside sequence " + std::to_string(seq_ids[i]) + " (" +
+                                    std::to_string(n_seq) + " tokens, " + std::to_string(covered) +
+                                    " covered by its blocks)");
+      n_tokens += stops[i] - starts[i];
+      if (stops[i] == n_seq) n_samples += samples[i];
+      firsts[i] = s.uploaded.empty() ? 0 : std::min<size_t>(write_froms[i] / block_size_, s.uploaded.size());
+      for (size_t j = firsts[i]; j < s.table.size(); ++j)
+        n_changes += j >= s.uploaded.size() || s.uploaded[j] != s.table[j];
+    }
+    const int64_t size = 3 * n_tokens + 3 * static_cast<int64_t>(n) + 1 + n_samples +
+                         2 * static_cast<int64_t>(copies.size()) + 3 * n_changes;
+    if (out.shape(0) < size) return {-size, 0, 0, 0};
+    int64_t* ids = static_cast<int64_t*>(out.mutable_data());
+    int64_t *positions = ids + n_tokens, *slots = positions + n_tokens, *cu = slots + n_tokens;
+    int64_t *contexts = cu + n + 1, *row_out = contexts + n, *last_rows = row_out + n;
+    int64_t *copy_src = last_rows + n_samples, *copy_dst = copy_src + copies.size();
+    int64_t* changes = copy_dst + copies.size();
+    int width = 1;
+    cu[0] = 0;
+    for (size_t i = 0; i < n; ++i) {
+      Seq& s = *seqs[i];
+      for (int p = starts[i], t = static_cast<int>(cu[i]); p < stops[i]; ++p, ++t) {
+        ids[t] = s.tokens[p];
+        positions[t] = p;
+        slots[t] = p < write_froms[i] ? -1 : int64_t{s.table[p / block_size_]} * block_size_ + p % block_size_;
+      }
+      cu[i + 1] = cu[i] + stops[i] - starts[i];
+      contexts[i] = stops[i];
+      row_out[i] = rows[i];
+      if (stops[i] == static_cast<int>(s.tokens.size()))
+        for (int k = 0; k < samples[i]; ++k) *last_rows++ = cu[i + 1] - 1;
+      width = std::max(width, static_cast<int>(s.table.size()));
+      s.uploaded.resize(s.table.size(), -1);
+      for (size_t j = firsts[i]; j < s.table.size(); ++j) {
+        if (s.uploaded[j] == s.table[j]) continue;
+        s.uploaded[j] = s.table[j];
+        *changes++ = rows[i];
+        *changes++ = static_cast<int64_t>(j);
+        *changes++ = s.table[j];
+      }
+    }
+    for (size_t c = 0; c < copies.size(); ++c) {
+      copy_src[c] = copies[c].first;
+      copy_dst[c] = copies[c].second;
+    }
+    return {size, n_samples, n_changes, width};
+  }
 
   // New weights: cached KV was computed with the old ones, so no prefix may be served from it again.
   int64_t bump_version() {
@@ -398,12 +545,23 @@ void bind_block_manager(py::module_& m) {
            "Cover positions [start, stop) with private blocks. -> list of (src, dst) block copies to do "
            "first, or None if the pool is too small now (nothing changed).")
       .def("commit", &BlockManager::commit, py::arg("seq_id"), py::arg("num_computed"))
+      .def("commit_batch", &BlockManager::commit_batch, py::arg("seq_ids"), py::arg("num_computed"))
+      .def("append_batch", &BlockManager::append_batch, py::arg("seq_ids"), py::arg("tokens"),
+           "One new token for each sequence.")
       .def("computable_until", &BlockManager::computable_until, py::arg("seq_id"), py::arg("start"))
       .def("ready_until", &BlockManager::ready_until, py::arg("seq_id"), py::arg("start"))
       .def("fork", &BlockManager::fork, py::arg("parent_id"), py::arg("child_id"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"), py::arg("start") = 0)
       .def("ref_count", &BlockManager::ref_count, py::arg("block"))
+      .def("plan_chunks", &BlockManager::plan_chunks, py::arg("seq_ids"), py::arg("num_computed"), py::arg("budget"),
+           "The scheduler's pass over running sequences: -> (indices, starts, stops, write_froms, flat (index, "
+           "num_computed) skips, block copies, skipped tokens, index of the first that does not fit or -1).")
+      .def("pack_step", &BlockManager::pack_step, py::arg("seq_ids"), py::arg("starts"), py::arg("stops"),
+           py::arg("write_froms"), py::arg("rows"), py::arg("samples"), py::arg("copies"), py::arg("out"),
+           "A model step's ids, positions, slots, cu_seqlens, context lens, rows, sampled rows, block copies and "
+           "the block-table entries the runner's device rows lack, packed into `out` (int64). -> (elements, "
+           "sampled rows, table entries, widest table), or (-elements needed, 0, 0, 0) if `out` is too short.")
       .def("bump_version", &BlockManager::bump_version,
            "Forget the prefix cache (KV from older weights). -> the new version.");
 }

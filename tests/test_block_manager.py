@@ -1,4 +1,5 @@
 """The C++ KV block manager: allocation, ref counts, prefix cache, LRU reuse, fork / copy-on-write, versions."""
+import numpy as np
 import pytest
 
 from engine._C import BlockManager
@@ -270,3 +271,70 @@ def test_random_workload_never_serves_wrong_kv(seed):
                 assert kv[table[p // block_size]][p % block_size] == tuple(s.tokens[:p + 1]), (sid, p)
         assert all(bm.ref_count(b) == holders.get(b, 0) for b in range(num_blocks))
         assert bm.num_blocks_in_use == len(holders)
+
+
+def unpack(out, n_tokens, n_seqs, n_samples, n_copies, n_changes):
+    """pack_step's layout, part by part."""
+    sizes = [n_tokens] * 3 + [n_seqs + 1, n_seqs, n_seqs, n_samples, n_copies, n_copies, 3 * n_changes]
+    parts, at = [], 0
+    for n in sizes:
+        parts.append(out[at:at + n].tolist())
+        at += n
+    return parts
+
+
+def test_pack_step_writes_a_step_and_the_table_entries_the_device_lacks():
+    bm = BlockManager(16, BS)
+    tokens = list(range(10, 20))
+    bm.allocate(0, tokens)
+    bm.prepare_write(0, 0, 10)
+    table = bm.block_table(0)
+    out = np.full(64, -7, dtype=np.int64)
+    # One chunk: tokens [0, 10) of sequence 0, cached up to 4, device row 5, sampled by 2 (a fork), a copy.
+    size, n_samples, n_changes, width = bm.pack_step([0], [0], [10], [4], [5], [2], [(1, 2)], out)
+    assert (size, n_samples, n_changes, width) == (30 + 4 + 2 + 2 + 9, 2, 3, 3)
+    ids, positions, slots, cu, contexts, rows, last, src, dst, changes = unpack(out, 10, 1, 2, 1, 3)
+    assert ids == tokens and positions == list(range(10)) and cu == [0, 10] and contexts == [10] and rows == [5]
+    assert slots == [-1] * 4 + [table[p // BS] * BS + p % BS for p in range(4, 10)]
+    assert last == [9, 9] and (src, dst) == ([1], [2])
+    assert changes == [5, 0, table[0], 5, 1, table[1], 5, 2, table[2]]   # a new row: its whole table
+    assert (out[size:] == -7).all()
+    # The next token fits the last block: the device row lacks nothing.
+    bm.append_tokens(0, [20])
+    bm.prepare_write(0, 10, 11)
+    assert bm.pack_step([0], [10], [11], [10], [5], [1], [], out)[2] == 0
+    assert unpack(out, 1, 1, 1, 0, 0)[2] == [table[2] * BS + 2]
+    # Two more: a new block, the only entry uploaded; a buffer too short is refused, nothing changed.
+    bm.append_tokens(0, [21, 22])
+    bm.prepare_write(0, 11, 13)
+    assert bm.pack_step([0], [11], [13], [11], [5], [1], [], np.zeros(8, dtype=np.int64)) == (-14, 0, 0, 0)
+    size, n_samples, n_changes, width = bm.pack_step([0], [11], [13], [11], [5], [1], [], out)
+    assert (n_changes, width) == (1, 4) and unpack(out, 2, 1, 1, 0, 1)[-1] == [5, 3, bm.block_table(0)[3]]
+    # A fork has a device row of its own: its first pack uploads its whole table.
+    bm.fork(0, 1)
+    assert bm.pack_step([1], [12], [13], [12], [6], [1], [], out)[2] == 4
+    with pytest.raises(ValueError, match="out must be a writable contiguous 1-D int64 array"):
+        bm.pack_step([0], [12], [13], [12], [5], [1], [], np.zeros(64, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"chunk \[12, 14\) writing from 12 is outside sequence 0 \(13 tokens"):
+        bm.pack_step([0], [12], [14], [12], [5], [1], [], out)
+
+
+def test_plan_chunks_skips_cached_prefixes_waits_for_pending_blocks_and_reports_shortage():
+    bm = BlockManager(6, BS)
+    prompt = list(range(9))
+    bm.allocate(0, prompt)
+    bm.allocate(1, prompt)   # shares sequence 0's two pending full blocks
+    # Sequence 0 computes its prompt under a 6-token budget; sequence 1 waits for 0's pending blocks.
+    indices, starts, stops, write_froms, skipped, copies, cached, failed = bm.plan_chunks([0, 1], [0, 0], 6)
+    assert (indices, starts, stops, write_froms, skipped, copies, cached, failed) == \
+        ([0], [0], [6], [0], [], [], 0, -1)
+    bm.commit(0, 8)
+    # Sequence 1 skips the ready prefix (8 tokens) and computes its last token only.
+    indices, starts, stops, write_froms, skipped, copies, cached, failed = bm.plan_chunks([1], [0], 16)
+    assert (indices, starts, stops, write_froms, skipped, cached, failed) == ([0], [8], [9], [8], [0, 8], 8, -1)
+    # Out of blocks: the chunk that does not fit is planned, not prepared, and reported.
+    bm.allocate(2, list(range(100, 104)))
+    bm.commit(1, 9)
+    bm.append_tokens(2, [1, 2, 3, 4, 5])
+    indices, starts, stops, write_froms, skipped, copies, cached, failed = bm.plan_chunks([2], [0], 16)
+    assert failed == 0 and (starts, stops) == ([0], [9]) and bm.num_free_blocks == 1   # needs 2: none taken

@@ -51,6 +51,7 @@ def test_every_check_ran_in_the_dry_run(dry_run):
     rows = {r.get("check") or f"{r.get('op')} {r.get('impl')} {r.get('mode')}": r
             for s in report["sections"].values() for r in s["rows"]}
     for check in ("greedy sampler == transformers generate (fp32)", "CUDA-graph decode == eager decode (exact mode)",
+                  "CUDA-graph decode + prefill chunk == eager (exact mode)",
                   "token_logprobs fused (Triton)", "single-stream decode", "extrapolated to 2 layers",
                   "linear triton forward+backward", "varlen_attention 8K triton forward",
                   "rollout mode on FSDP2 (one rank) == unsharded", "GRPO step on a tiny config (rollout mode, exact mode)",

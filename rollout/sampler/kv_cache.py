@@ -35,13 +35,13 @@ class KVCache:
     def values(self, layer: int) -> torch.Tensor:
         return self._check()[1, layer]
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: block src's keys and values to block dst, in every layer."""
-        if not copies:
+    def copy_blocks(self, copies: torch.Tensor) -> None:
+        """Copy-on-write: block copies[0, i]'s keys and values to block copies[1, i], in every layer
+        (copies: int64 [2, C] on the pool's device)."""
+        if copies.numel() == 0:
             return
         pool = self._check()
-        src, dst = (torch.tensor(side, device=pool.device) for side in zip(*copies))
-        pool[:, :, dst] = pool[:, :, src]
+        pool[:, :, copies[1]] = pool[:, :, copies[0]]
 
     def release(self) -> None:
         self.pool = None

@@ -68,6 +68,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     completions: list[Completion | None]
+    unfinished: int = 0   # completions still None (counted: checking them all at each finish is quadratic)
 
 
 class Sampler:
@@ -76,14 +77,17 @@ class Sampler:
     def __init__(self, model, *, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  kv_cache_fraction: float = 0.8, kv_dtype: torch.dtype | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 eos_token_ids=None, tokenizer=None, seed: int = 0, cuda_graph_sizes: tuple[int, ...] | None = None):
+                 eos_token_ids=None, tokenizer=None, seed: int = 0, cuda_graph_sizes: tuple[int, ...] | None = None,
+                 cuda_graph_max_query_len: int = 64):
         """model: engine.model.Qwen2ForCausalLM (unsharded, or FSDP2-sharded and sampled in rollout mode). The
         KV pool holds num_blocks blocks of block_size tokens, or as many as fit in kv_cache_bytes; with
         neither, kv_cache_fraction of the GPU memory free when the pool is (re)built (CUDA), or room for 8
         sequences of max_position_embeddings tokens up to 2 GiB (CPU). kv_dtype: default the dtype the
         model computes in (its unsharded weights'). eos_token_ids default to the model config's; tokenizer
-        (with .decode(ids)) is needed only for stop strings. cuda_graph_sizes: decode batch sizes captured as
-        CUDA graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables)."""
+        (with .decode(ids)) is needed only for stop strings. cuda_graph_sizes: batch sizes B captured as CUDA
+        graphs (default on CUDA: 1, 2, 4, ..., max_num_seqs; () disables), each for decode steps of B sequences
+        and for steps of B + cuda_graph_max_query_len tokens, none more than cuda_graph_max_query_len per
+        sequence (decode rows plus a prefill chunk: the agent loop's step; 1 captures decode only)."""
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("Sampler: give at most one of num_blocks and kv_cache_bytes (the KV pool size)")
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -104,7 +108,7 @@ class Sampler:
         if cuda_graph_sizes is None:
             cuda_graph_sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if s <= max_num_seqs) \
                 if self.device.type == "cuda" else ()
-        self.cuda_graph_sizes = cuda_graph_sizes
+        self.cuda_graph_sizes, self.cuda_graph_max_query_len = cuda_graph_sizes, cuda_graph_max_query_len
         self.stats = SamplerStats()
         self._seeds = random.Random(seed)
         self._requests: dict[int, _Request] = {}
@@ -157,7 +161,7 @@ class Sampler:
     def _new_runner(self):
         max_blocks = -(-self.max_model_len // self.block_size)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, max_blocks, self.cuda_graph_sizes,
-                                  self.max_num_seqs)
+                                  self.max_num_seqs, self.cuda_graph_max_query_len)
         self.scheduler.on_free = self.runner.forget
 
     def _check_weights(self) -> None:
@@ -239,7 +243,7 @@ class Sampler:
             self._done.append(RequestOutput(request_id, prompt, [
                 Completion([], [] if params.logprobs else None, "context limit") for _ in range(params.n)]))
             return request_id
-        self._requests[request_id] = _Request(prompt, params, [None] * params.n)
+        self._requests[request_id] = _Request(prompt, params, [None] * params.n, params.n)
         base_seed = params.seed if params.seed is not None else self._seeds.randrange(2 ** 62)
         parent = self._new_sequence(request_id, 0, list(prompt), len(prompt), params, base_seed)
         parent.forks_left = params.n - 1
@@ -278,33 +282,35 @@ class Sampler:
                                f"while {len(self._requests)} request(s) were running")
         t0 = time.perf_counter()
         schedule = self.scheduler.schedule()
-        if not schedule.chunks:  # cannot happen by design (some owner always runs): fail, never hang
+        if not schedule.seqs:  # cannot happen by design (some owner always runs): fail, never hang
             raise RuntimeError(f"scheduler made no progress with {len(self.scheduler.running)} running and "
                                f"{len(self.scheduler.waiting)} waiting sequences")
         inputs = self.runner.prepare(schedule)
         t1 = time.perf_counter()
-        hidden = self.runner.forward(*inputs)
+        hidden = self.runner.forward(inputs)  # a row per sampling sequence below, forks included, in order
         t2 = time.perf_counter()
+        self.block_manager.commit_batch(schedule.seq_ids, schedule.stops)
         sampling: list[Sequence] = []
-        rows: list[int] = []  # row of `hidden` each sampling sequence reads (forks share their parent's)
-        n_rows = 0
-        for chunk in schedule.chunks:
-            seq = chunk.seq
-            seq.num_computed = chunk.stop
-            self.block_manager.commit(seq.seq_id, chunk.stop)
-            self.stats.computed_tokens += chunk.stop - chunk.start
-            self.stats.prompt_tokens_computed += max(0, min(chunk.stop, seq.prompt_len) - chunk.start)
-            if chunk.samples:
-                for s in [seq] + self._fork(seq):
-                    sampling.append(s)
-                    rows.append(n_rows)
-                n_rows += 1
+        for seq, start, stop in zip(schedule.seqs, schedule.starts, schedule.stops):
+            seq.num_computed = stop
+            if start < seq.prompt_len:
+                self.stats.prompt_tokens_computed += min(stop, seq.prompt_len) - start
+            if stop == seq.num_tokens:
+                sampling.append(seq)
+                if seq.forks_left:
+                    sampling += self._fork(seq)
+        self.stats.computed_tokens += inputs.num_tokens
         t3 = time.perf_counter()
-        tokens, logprobs = self._sample(hidden[torch.tensor(rows, device=self.device)], sampling) \
-            if sampling else ([], [])
+        tokens, logprobs = self._sample(hidden, sampling) if sampling else ([], [])
         t4 = time.perf_counter()
-        for i, seq in enumerate(sampling):
-            self._append(seq, tokens[i], logprobs[i], finished)
+        self.block_manager.append_batch([seq.seq_id for seq in sampling], tokens)
+        self.stats.generated_tokens += len(sampling)
+        done: list[Sequence] = []
+        for seq, token, logprob in zip(sampling, tokens, logprobs):
+            self._append(seq, token, logprob, done)
+        self.scheduler.finish(done)
+        for seq in done:
+            self._complete(seq, finished)
         t5 = time.perf_counter()
         s = self.stats
         s.steps += 1
@@ -385,21 +391,23 @@ class Sampler:
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None, finished: list[RequestOutput]):
+    def _append(self, seq: Sequence, token: int, logprob: float | None, done: list[Sequence]):
+        """The sampled token (already given to the block manager) joins the sequence, which may finish."""
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        self.block_manager.append_tokens(seq.seq_id, [token])
-        self.stats.generated_tokens += 1
         reason = self._finish_reason(seq, token)
-        if reason is None:
-            return
-        seq.finish_reason, seq.stop_reason = reason
-        self.scheduler.finish(seq)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            done.append(seq)
+
+    def _complete(self, seq: Sequence, finished: list[RequestOutput]):
+        """A finished sequence's completion; its request's output once all its samples are done."""
         request = self._requests[seq.request_id]
         request.completions[seq.sample_index] = Completion(
             seq.completion_ids, seq.logprobs if seq.params.logprobs else None, seq.finish_reason, seq.stop_reason)
-        if all(c is not None for c in request.completions):
+        request.unfinished -= 1
+        if not request.unfinished:
             del self._requests[seq.request_id]
             finished.append(RequestOutput(seq.request_id, request.prompt_ids, request.completions))
 

@@ -13,26 +13,28 @@ from rollout.sampler.sequence import Sequence, Status
 
 
 @dataclass
-class Chunk:
-    seq: Sequence
-    start: int       # tokens [start, stop) of the sequence go through the model this step
-    stop: int
-    write_from: int  # their KV is written from here on; before it, it is already cached (recomputed for logits)
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the sequence: its last row gives the next token."""
-        return self.stop == self.seq.num_tokens
-
-
-@dataclass
 class Schedule:
-    chunks: list[Chunk] = field(default_factory=list)
+    """The step's chunks as parallel lists (the runner hands them to C++ as they are): sequence seqs[i] runs
+    tokens [starts[i], stops[i]) through the model, writing their KV from write_froms[i] on (before it, it is
+    already cached: recomputed for the logits); a chunk whose stop is the sequence's end samples its next
+    token."""
+    seqs: list[Sequence] = field(default_factory=list)
+    seq_ids: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    stops: list[int] = field(default_factory=list)
+    write_froms: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) block copies to do first
+
+    def add(self, seqs, starts, stops, write_froms) -> None:
+        self.seqs += seqs
+        self.seq_ids += [s.seq_id for s in seqs]
+        self.starts += starts
+        self.stops += stops
+        self.write_froms += write_froms
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.stop - c.start for c in self.chunks)
+        return sum(self.stops) - sum(self.starts)
 
 
 class Scheduler:
@@ -59,26 +61,28 @@ class Scheduler:
     def schedule(self) -> Schedule:
         out = Schedule()
         budget = self.max_num_batched_tokens
-        i = 0
+        i = 0   # running sequences before i are planned; one C++ pass over the rest until one does not fit
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            chunk = self._plan(seq, budget)
-            if chunk is None:  # waiting for another sequence to compute a shared block
-                i += 1
-                continue
-            copies = self.block_manager.prepare_write(seq.seq_id, chunk.write_from, chunk.stop)
+            rest = self.running[i:]
+            failed, planned = self._plan(rest, [s.num_computed for s in rest], budget, out)
+            budget -= planned
+            if failed < 0:
+                break
+            seq, start, stop, write_from = out.seqs[-1], out.starts[-1], out.stops[-1], out.write_froms[-1]
+            copies = None
             while copies is None:  # out of blocks: preempt the newest sequence, possibly this one
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-                copies = self.block_manager.prepare_write(seq.seq_id, chunk.write_from, chunk.stop)
-            if copies is None:  # it preempted itself: it was the last running one
+                copies = self.block_manager.prepare_write(seq.seq_id, write_from, stop)
+            if copies is None:  # it preempted itself (it was the last running one): drop its chunk
+                for planned_list in (out.seqs, out.seq_ids, out.starts, out.stops, out.write_froms):
+                    planned_list.pop()
                 break
-            out.chunks.append(chunk)
             out.copies.extend(copies)
-            budget -= chunk.stop - chunk.start
-            i += 1
+            budget -= stop - start
+            i += failed + 1
 
         while self.waiting and budget > 0 and \
                 len(self.running) + 1 + self.waiting[0].forks_left <= self.max_num_seqs:
@@ -94,30 +98,29 @@ class Scheduler:
             self.waiting.popleft()
             seq.status, seq.num_computed = Status.RUNNING, 0
             self.running.append(seq)
-            chunk = self._plan(seq, budget)
-            if chunk is None:
-                continue
             # Its blocks were just allocated: fresh, cached or pending ones it owns; nothing to grow or copy.
-            copies = self.block_manager.prepare_write(seq.seq_id, chunk.write_from, chunk.stop)
-            assert copies == [], f"fresh sequence {seq.seq_id} needed block copies {copies}"
-            out.chunks.append(chunk)
-            budget -= chunk.stop - chunk.start
+            copies = len(out.copies)
+            failed, planned = self._plan([seq], [0], budget, out)
+            assert failed < 0 and len(out.copies) == copies, f"fresh sequence {seq.seq_id} needed block copies"
+            budget -= planned
         return out
 
-    def _plan(self, seq: Sequence, budget: int) -> Chunk | None:
-        """The next chunk of `seq` under the budget, or None while a shared block it needs is computed by
-        another sequence. Cached KV is skipped, but the last token always runs (its row gives the logits)."""
-        ready = self.block_manager.ready_until(seq.seq_id, seq.num_computed)
-        if ready > seq.num_computed:
-            skip_to = min(ready, seq.num_tokens - 1)
-            self.cached_tokens += max(0, skip_to - seq.num_computed)
-            seq.num_computed = max(seq.num_computed, skip_to)
-        start = seq.num_computed
-        limit = self.block_manager.computable_until(seq.seq_id, start)
-        if limit <= start:
-            return None
-        stop = min(seq.num_tokens, limit, start + budget)
-        return Chunk(seq, start, stop, write_from=max(start, min(ready, stop)))
+    def _plan(self, seqs: list[Sequence], num_computed: list[int], budget: int, out: Schedule) -> tuple[int, int]:
+        """The next chunks of `seqs`, in order, into `out` (BlockManager.plan_chunks: cached KV is skipped but
+        the last token always runs, for its logits; a sequence waiting for another to compute a shared block
+        gets none; each write range is made private). -> (index of the first sequence whose blocks do not
+        fit, its chunk being the last in `out` and not prepared, or -1; tokens of the prepared chunks)."""
+        indices, starts, stops, write_froms, skipped, copies, cached, failed = \
+            self.block_manager.plan_chunks([s.seq_id for s in seqs], num_computed, budget)
+        self.cached_tokens += cached
+        for k in range(0, len(skipped), 2):
+            seqs[skipped[k]].num_computed = skipped[k + 1]
+        out.add(seqs if len(indices) == len(seqs) else [seqs[k] for k in indices], starts, stops, write_froms)
+        out.copies += copies
+        planned = sum(stops) - sum(starts)
+        if failed >= 0:
+            planned -= stops[-1] - starts[-1]
+        return failed, planned
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id)
@@ -127,9 +130,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
-        """Take a finished sequence out of the batch and release its blocks (full ones stay cached)."""
-        self.block_manager.free(seq.seq_id)
-        self.on_free(seq)
-        self.running.remove(seq)
-        seq.status = Status.FINISHED
+    def finish(self, seqs: list[Sequence]) -> None:
+        """Take finished sequences out of the batch and release their blocks (full ones stay cached); one pass
+        over the batch for all of them (a step may finish every sequence)."""
+        for seq in seqs:
+            self.block_manager.free(seq.seq_id)
+            self.on_free(seq)
+            seq.status = Status.FINISHED
+        if seqs:
+            self.running[:] = [s for s in self.running if s.status is not Status.FINISHED]
