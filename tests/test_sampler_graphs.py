@@ -95,12 +95,12 @@ def test_padded_step_equals_unpadded_step_bitwise_exact_mode(model, triton, monk
     assert padded.shape == eager.shape and torch.equal(padded, eager)
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["decode", "decode+prefill"])
-def test_padded_step_attention_equals_unpadded_bitwise_fast_mode(model, triton, mixed):
+def test_padded_step_attention_equals_unpadded_bitwise_fast_mode(model, triton):
     """Fast mode's paged attention (split-KV decode tiles, sized by the block-table width: the graphs' full
-    width against the step's own) over the graph path's padded buffers, on the same q/k/v rows."""
+    width against the step's own) over the graph path's padded buffers, on the same q/k/v rows: three decode
+    rows and a prefill chunk (both of fast mode's launches)."""
     sampler = graph_sampler(model)
-    inputs, bucket = next_step(sampler, mixed, long=True)
+    inputs, bucket = next_step(sampler, True, long=True)
     static = sampler.runner.graphs.static
     static.fill(inputs, bucket[0])
     config, g = model.config, torch.Generator().manual_seed(4)
@@ -117,8 +117,8 @@ def test_sampler_on_the_graph_path_equals_eager(model, triton, monkeypatch):
     """An agent-like load (requests arriving while others decode, so steps mix decode rows and prefill
     chunks), exact mode: the same tokens and bit-identical log-probs with and without the graph path."""
     monkeypatch.setattr(model, "exact", True)
-    prompts = prompts_of([6, 13, 4, 21, 9], seed=2)
-    params = [SamplingParams(temperature=1.0, max_tokens=10, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    prompts = prompts_of([6, 13, 4, 21], seed=2)
+    params = [SamplingParams(temperature=1.0, max_tokens=7, seed=i, ignore_eos=True) for i in range(len(prompts))]
 
     def run(sampler):
         ids, results = [], {}

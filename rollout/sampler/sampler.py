@@ -36,6 +36,7 @@ class SamplerStats:
     preemptions: int = 0
     steps: int = 0
     host_seconds: float = 0.0        # scheduling, input building, bookkeeping (outside model and sampling ops)
+    serial_host_seconds: float = 0.0  # of which the device waits for: before the launch, after the read-back
     device_seconds: float = 0.0      # model forward and sampling ops, until the tokens are on the host
     blocks_in_use: int = 0
     peak_blocks_in_use: int = 0
@@ -315,6 +316,7 @@ class Sampler:
         s = self.stats
         s.steps += 1
         s.host_seconds += (t1 - t0) + (t3 - t2) + (t5 - t4)
+        s.serial_host_seconds += (t1 - t0) + (t5 - t4)   # (t2..t3 runs while the device computes the step)
         s.device_seconds += (t2 - t1) + (t4 - t3)
         # The scheduler's counters start at 0 with each pool: accumulate what they added since the last step.
         s.cached_tokens += self.scheduler.cached_tokens - self._counted[0]
@@ -348,7 +350,7 @@ class Sampler:
         by_temperature: dict[float, list[int]] = {}
         for i, p in enumerate(params):
             by_temperature.setdefault(p.temperature or 1.0, []).append(i)
-        groups = []   # (temperature, rows, their index on the device or None for all rows, their z)
+        groups = []   # (rows, their index on the device or None for all rows, their z)
         with torch.inference_mode():
             keys = self._upload([[s.seed or 0 for s in seqs], [s.num_tokens for s in seqs]], torch.int64)
             uniforms = kernels.philox_uniforms(keys[0], keys[1])
@@ -357,7 +359,7 @@ class Sampler:
             for temperature, idx in by_temperature.items():
                 index = None if len(idx) == n else self._upload(idx, torch.int64)
                 z = kernels.head_logits(hidden if index is None else hidden[index], weight, temperature)
-                groups.append((temperature, idx, index, z))
+                groups.append((idx, index, z))
                 picked, complete = sample_tokens(z, [params[i] for i in idx],
                                                  uniforms if index is None else uniforms[index],
                                                  self.top_p_candidates)
@@ -374,7 +376,9 @@ class Sampler:
         return tokens_out, logprobs
 
     def _redraw(self, both, groups, params, uniforms) -> None:
-        for _, idx, index, z in groups:
+        """Rows whose nucleus was wider than the candidates, drawn again over the sorted vocabulary from the same z
+        and number (rare: its reads back are the only ones besides the step's)."""
+        for idx, index, z in groups:
             local = [k for k, i in enumerate(idx) if not both[2][i]]
             if not local:
                 continue
