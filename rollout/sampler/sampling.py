@@ -87,9 +87,9 @@ def sample_tokens(z: torch.Tensor, params: list[SamplingParams], uniforms: torch
             k = min(p.top_k, vocab) if p.top_k else min(candidates or vocab, vocab)
             groups.setdefault((k, bool(p.top_k)), []).append(i)
     for key, rows in groups.items():
-        every = len(rows) == len(params)
-        index = None if every else torch.tensor(rows, device=z.device)
-        zr, u = (z, uniforms) if every else (z[index], uniforms[index])
+        # All rows: a slice (views, no index upload); else their index.
+        index = slice(None) if len(rows) == len(params) else torch.tensor(rows, device=z.device)
+        zr, u = z[index], uniforms[index]
         if key is None:
             picked = _draw(zr.softmax(-1), u)
         else:
@@ -102,16 +102,9 @@ def sample_tokens(z: torch.Tensor, params: list[SamplingParams], uniforms: torch
             # The most likely token is always kept; top_p == 1 cuts nothing (the rounded sum may reach 1 early).
             probs = probs.masked_fill((cumulative - probs >= top_p) & (top_p < 1), 0.0)
             if not renormalise and k < vocab:
-                closed = cumulative[:, -1:] >= top_p
-                if every:
-                    complete = closed[:, 0]
-                else:
-                    complete[index] = closed[:, 0]
+                complete[index] = cumulative[:, -1] >= top_p[:, 0]
             picked = order.gather(-1, _draw(probs, u)[:, None]).squeeze(-1)
-        if every:
-            tokens = picked
-        else:
-            tokens[index] = picked
+        tokens[index] = picked
     return tokens, complete
 
 
