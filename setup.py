@@ -1,30 +1,50 @@
-"""Protégé engine: builds the Python packages and the C++ extension engine._C (pybind11)."""
+"""Protégé engine: the Python packages under one import name, `protege`, and the C++ extension
+protege.engine._C (pybind11).
+
+The repository keeps its folders at the top (engine/, kernels/, rollout/, rewards/) with no __init__.py, so
+none of them is a package named `kernels`, `rollout`, ... to anything that imports from the repository root:
+those names belong to other distributions (transformers imports Hugging Face's `kernels`)."""
+import os
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
-native = Pybind11Extension(
-    "engine._C",
+FOLDERS = ("engine", "kernels", "rollout", "rewards")
+
+
+def pybind11_include() -> str:
+    try:
+        import pybind11
+        return pybind11.get_include()
+    except ImportError:  # an offline --no-build-isolation install beside torch, which ships pybind11's headers
+        from torch.utils.cpp_extension import include_paths
+        return next(p for p in include_paths() if os.path.isdir(os.path.join(p, "pybind11")))
+
+
+native = Extension(
+    "protege.engine._C",
     sorted(glob("csrc/*.cpp")),
-    include_dirs=["csrc"],
-    cxx_std=17,
-    extra_compile_args=["-O3"],
+    include_dirs=["csrc", pybind11_include()],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
 )
 
+packages = [f"protege.{folder}" for folder in FOLDERS]
+packages += [f"protege.{folder}.{sub}" for folder in FOLDERS for sub in find_packages(where=folder)]
+
+AGENT = ["anthropic>=0.40", "docker>=7", "swebench>=4"]
+PLOTS = ["matplotlib>=3.7"]
+
 setup(
-    # Not "engine" or "kernels": PyPI has packages of those names, and transformers probes the
-    # distribution "kernels" (it must keep finding none beside us).
     name="protege-engine",
     version="0.1.0",
     description="Post-train small Qwen2.5 models into software-engineering agents (SFT + GRPO with an expert).",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "rollout", "rollout.*",
-                                    "rewards", "rewards.*"]),
+    packages=packages,
+    package_dir={f"protege.{folder}": folder for folder in FOLDERS},
     ext_modules=[native],
-    cmdclass={"build_ext": build_ext},
-    # Ranges a user's CUDA machine satisfies (GPU machines here: torch 2.11 + triton 3.6); the CPU set-up
-    # (scripts/setup.sh) pins torch==2.13.0 and triton==3.7.1.
+    # The model, kernels, sampler, SFT and the GRPO step: what a GPU machine with torch + transformers already
+    # has, so `pip install --no-index --no-build-isolation -e .` works offline there.
     install_requires=[
         "torch>=2.6,<2.15",
         "triton>=3.2; platform_system=='Linux'",
@@ -34,12 +54,10 @@ setup(
         "pyyaml>=6",
         "tomli>=2; python_version<'3.11'",
         "tqdm>=4.60",
-        "matplotlib>=3.7",
-        "anthropic>=0.40",
-        "docker>=7",
-        "swebench>=4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=4.45"],
+        "agent": AGENT,   # Claude as expert or policy, Docker environments, SWE-bench grading
+        "plots": PLOTS,   # the loss, GRPO and evaluation plots (skipped with a note without it)
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=4.45", *AGENT, *PLOTS],
     },
 )

@@ -15,14 +15,12 @@ Attention, per step (all layers):
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not benchmarks/ (its kernels.py)
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch
+import triton
 
-from kernels.ops import linear, paged_attention  # noqa: E402
+from protege.kernels.ops import linear, paged_attention
 
 LAYERS, HQ, HKV, D, HIDDEN, INTER, VOCAB = 28, 28, 4, 128, 3584, 18944, 152064
 BF16 = 2

@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-# Run as a script, this folder comes first on sys.path and could shadow the engine's packages: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from engine.model import Qwen2ForCausalLM  # noqa: E402
-from rollout import Sampler, SamplingParams  # noqa: E402
+from protege.engine.model import Qwen2ForCausalLM
+from protege.rollout.sampler import Sampler, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCALES = {

@@ -22,7 +22,6 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not benchmarks/ (its kernels.py)
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("gpu_compile: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
 import torch
@@ -34,7 +33,7 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import MockTensor, create_function_from_signature
-from kernels.ops import rms_norm, rope, swiglu, linear, attention, paged_attention, philox, token_logprobs as tlp
+from protege.kernels.ops import rms_norm, rope, swiglu, linear, attention, paged_attention, philox, token_logprobs as tlp
 
 # Shared memory one block may use (opt-in maximum: the SM's 228 KB / 164 KB less 1 KB reserved per block).
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}

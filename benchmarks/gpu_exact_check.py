@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not benchmarks/ (its kernels.py)
-import torch  # noqa: E402
+import torch
 
-from kernels.ops import linear  # noqa: E402
-from kernels.ops.attention import varlen_attention_triton  # noqa: E402
-from kernels.ops.paged_attention import paged_attention_triton  # noqa: E402
+from protege.kernels.ops import linear
+from protege.kernels.ops.attention import varlen_attention_triton
+from protege.kernels.ops.paged_attention import paged_attention_triton
 
 
 def linear_tiles(device, dtype, m, n, k):
@@ -87,8 +85,8 @@ def paged_checks(device, dtype, lengths):
 
 
 def sampler_head_checks(device, dtype, t, v, h, temperature=0.7):
-    import kernels
-    from kernels import reference
+    from protege.kernels import dispatch as kernels
+    from protege.kernels import reference
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(t, h, generator=g).to(device, dtype)
     weight = (torch.randn(v, h, generator=g) * 2 / h ** 0.5).to(device, dtype)

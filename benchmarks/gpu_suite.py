@@ -19,7 +19,7 @@ SKIP, and a crash inside a check is an ERROR row, after which the suite goes on)
   grpo              a GRPO update through engine/training/rl.py's path on a tiny model (FSDP2, rollout mode,
                     exact mode: the first ratio is 1)
   ops_speed         each op vs eager / torch.compile / Liger / flash-attn / xformers at 7B shapes; varlen
-                    attention at 8K tokens (benchmarks/kernels.py)
+                    attention at 8K tokens (benchmarks/kernel_timings.py)
   logprobs_memory   token_logprobs time and peak memory, fused vs unfused, forward + backward
   sampler_speed     nano-vllm workload, agent workload, single-stream decode, exact vs fast, vs transformers
                     generate (and vLLM when importable), vs the bandwidth limit (benchmarks/generation.py)
@@ -50,20 +50,19 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # before any @triton.jit is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("TRITON_INTERPRET") == "1":  # bit-identity checks test the kernels, not the host's BLAS
-    from kernels.interpreter_dot import use_row_invariant_dot
+    from protege.kernels.interpreter_dot import use_row_invariant_dot
     use_row_invariant_dot()
 
-from benchmarks import generation  # noqa: E402
-from benchmarks import kernels as kernel_bench  # noqa: E402
-from benchmarks import logprobs_memory  # noqa: E402
-from tests.numerics import fp64_error_and_bound  # noqa: E402
+import generation  # noqa: E402  (this script's siblings in benchmarks/)
+import kernel_timings  # noqa: E402
+import logprobs_memory  # noqa: E402
+from protege.kernels.precision import fp64_error_and_bound  # noqa: E402
 
 # Qwen2.5 shapes (config.json of the released checkpoints); the weights here are always random.
 QWEN_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -218,7 +217,7 @@ class Suite:
         self.tmp = tempfile.TemporaryDirectory()
         self.runtime = None
         name = torch.cuda.get_device_name() if not self.dry else "cpu"
-        self.limits = kernel_bench.device_limits(name)
+        self.limits = kernel_timings.device_limits(name)
         self.measured = {}
         mode = "dry-run" if self.dry else "quick" if self.quick else "full"
         self.report = Report(Path(args.out), dict(
@@ -251,12 +250,12 @@ class Suite:
     def process_group(self):
         """One-rank process group: NCCL on CUDA (init_runtime), gloo on the CPU (a sharded Runtime)."""
         if self.runtime is None:
-            from engine.training.runtime import Runtime, init_runtime
+            from protege.engine.training.runtime import Runtime, init_runtime
             if self.device.type == "cuda":
                 self.runtime = init_runtime("cuda")
             else:
                 import torch.distributed as dist
-                from engine.training.runtime import _free_port
+                from protege.engine.training.runtime import _free_port
                 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
                 dist.init_process_group("gloo", rank=0, world_size=1)
                 self.runtime = Runtime(0, 1, torch.device("cpu"), sharded=True)
@@ -385,8 +384,8 @@ def random_pair(suite: Suite, shape: dict, layers: int | None, dtype=torch.float
     """(transformers Qwen2ForCausalLM, our model) with the same random weights (norms and biases randomised
     too), both on the suite's device in `dtype`. No checkpoint file: our model loads the HF state dict."""
     from transformers import Qwen2ForCausalLM as HFQwen2
-    from engine.config import ModelConfig
-    from engine.model import Qwen2ForCausalLM
+    from protege.engine.config import ModelConfig
+    from protege.engine.model import Qwen2ForCausalLM
     config = hf_config(shape, layers, initializer_range=init_std)
     torch.manual_seed(0)
     with torch.device(suite.device), default_dtype(dtype):
@@ -410,8 +409,8 @@ def random_pair(suite: Suite, shape: dict, layers: int | None, dtype=torch.float
 
 def random_model(suite: Suite, shape: dict, layers: int | None, dtype):
     """Our model alone, random weights, made directly in `dtype` on the device."""
-    from engine.config import ModelConfig
-    from engine.model import Qwen2ForCausalLM
+    from protege.engine.config import ModelConfig
+    from protege.engine.model import Qwen2ForCausalLM
     cfg = dict(shape, **COMMON)
     if layers is not None:
         cfg["num_hidden_layers"] = layers
@@ -456,7 +455,7 @@ def section_ceilings(suite: Suite, sec: Section):
     def copy():
         src = torch.randn(n_copy // 4, device=suite.device)
         dst = torch.empty_like(src)
-        ms = kernel_bench.time_ms(lambda: dst.copy_(src), suite.device)
+        ms = kernel_timings.time_ms(lambda: dst.copy_(src), suite.device)
         rate = 2 * n_copy / ms / 1e-3
         suite.measured["bytes_per_s"] = rate
         share = rate / suite.limits["bytes_per_s"] if suite.limits else None
@@ -465,7 +464,7 @@ def section_ceilings(suite: Suite, sec: Section):
     def matmul():
         a = torch.randn(size, size, device=suite.device, dtype=torch.bfloat16)
         b = torch.randn(size, size, device=suite.device, dtype=torch.bfloat16)
-        ms = kernel_bench.time_ms(lambda: a @ b, suite.device)
+        ms = kernel_timings.time_ms(lambda: a @ b, suite.device)
         rate = 2 * size ** 3 / ms / 1e-3
         suite.measured["flop_per_s"] = rate
         share = rate / suite.limits["flop_per_s"] if suite.limits else None
@@ -483,18 +482,18 @@ def op_results(fn, args, dtype, upstream_seed=1):
     gradients drawn in fp64 (the same values for every dtype)."""
     copied = [a.detach().to(dtype).clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
               else a for a in args]
-    outs = kernel_bench.outputs_of(fn(*copied))
+    outs = kernel_timings.outputs_of(fn(*copied))
     g = torch.Generator().manual_seed(upstream_seed)
     grads = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
     torch.autograd.backward(outs, grads)
-    return [o.detach() for o in outs] + [a.grad for a in kernel_bench.leaves(copied)]
+    return [o.detach() for o in outs] + [a.grad for a in kernel_timings.leaves(copied)]
 
 
 def check_op(op, impl, shapes, dtype, device):
     torch.manual_seed(0)
     args = op.make_args(shapes, device, torch.float64)
-    ref = op_results(getattr(kernel_bench.reference, op.name), args, torch.float64)
-    base = op_results(getattr(kernel_bench.reference, op.name), args, dtype)
+    ref = op_results(getattr(kernel_timings.reference, op.name), args, torch.float64)
+    base = op_results(getattr(kernel_timings.reference, op.name), args, dtype)
     got = op_results(impl, args, dtype)
     worst, margin = None, float("inf")
     for i, (x, t, r) in enumerate(zip(got, base, ref)):
@@ -511,7 +510,7 @@ def check_op(op, impl, shapes, dtype, device):
 
 
 def section_ops_correctness(suite: Suite, sec: Section):
-    S = kernel_bench.Shapes
+    S = kernel_timings.Shapes
     shapes = suite.pick({"7B dims": S(tokens=1024), "odd": S(tokens=777, hidden=1000, heads=6, kv_heads=2,
                                                                  head_dim=80, intermediate=2731, vocab=5003, docs=3)},
                         dry={"tiny": S(tokens=37, hidden=80, heads=4, kv_heads=2, head_dim=32, intermediate=96,
@@ -522,8 +521,8 @@ def section_ops_correctness(suite: Suite, sec: Section):
              "the row shows the tensor closest to its bound.")
     with suite.triton_kernels():
         for label, s in shapes.items():
-            for op in kernel_bench.OPS:
-                fn = kernel_bench.load_triton(op)
+            for op in kernel_timings.OPS:
+                fn = kernel_timings.load_triton(op)
                 for dtype in suite.dtype16() if not (suite.dry and label == "odd") else (torch.bfloat16,):
                     name = f"{op.name} [{label}]"
                     if fn is None:
@@ -532,8 +531,8 @@ def section_ops_correctness(suite: Suite, sec: Section):
                     sec.check(name, lambda: check_op(op, fn, s, dtype, suite.device), dtype=str(dtype)[6:])
         # optional attention backends against our kernel (bf16, CUDA only)
         s = next(iter(shapes.values()))
-        attention = next(op for op in kernel_bench.OPS if op.name == "varlen_attention")
-        for impl, fn in kernel_bench.third_party(attention).items():
+        attention = next(op for op in kernel_timings.OPS if op.name == "varlen_attention")
+        for impl, fn in kernel_timings.third_party(attention).items():
             sec.check(f"varlen_attention [{impl}]", lambda: check_op(attention, fn, s, torch.bfloat16, suite.device),
                       dtype="bfloat16")
         for name in ("flash_attn", "xformers"):
@@ -549,8 +548,8 @@ def section_ops_correctness(suite: Suite, sec: Section):
 
 def check_linear_tiles(suite: Suite):
     """Every M tile the exact-mode linear may pick on this device gives the 128-row tile's bits."""
-    from benchmarks import gpu_exact_check
-    from kernels.ops import linear
+    import gpu_exact_check
+    from protege.kernels.ops import linear
     dtype, shape = suite.pick(torch.bfloat16, dry=torch.float32), suite.pick((300, 512, 3584), dry=(40, 160, 80))
     r = gpu_exact_check.linear_tiles(suite.device, dtype, *shape)
     allowed = list(linear._device_tiles(suite.device, dtype)[0])
@@ -562,7 +561,7 @@ def check_linear_tiles(suite: Suite):
 
 
 def check_sampler_head(suite: Suite):
-    from benchmarks import gpu_exact_check
+    import gpu_exact_check
     dtype = suite.pick(torch.bfloat16, dry=torch.float32)
     r = gpu_exact_check.sampler_head_checks(suite.device, dtype, *suite.pick((256, 152064, 3584), dry=(5, 300, 64)))
     ok = r["from_logits_equals_fused"] and r["row_alone_equals_fused"] and r["philox_equals_reference"]
@@ -572,7 +571,7 @@ def check_sampler_head(suite: Suite):
 
 
 def check_exact_paged(suite: Suite):
-    from benchmarks import gpu_exact_check
+    import gpu_exact_check
     dtype = suite.pick(torch.bfloat16, dry=torch.float32)
     r = gpu_exact_check.paged_checks(suite.device, dtype, suite.pick([1, 17, 1030, 4000, 12288], dry=[1, 17, 40]))
     ok = all(r["exact_decode_equals_training"]) and all(r["fast_row_alone_equals_batch"])
@@ -584,8 +583,8 @@ def check_exact_paged(suite: Suite):
 
 def check_paged(suite: Suite):
     """Decode and a chunk of prefill over a paged cache, Triton vs the PyTorch reference (bf16, fp32 compare)."""
-    import kernels
-    from kernels import reference
+    from protege.kernels import dispatch as kernels
+    from protege.kernels import reference
     d, hq, hkv, page = suite.pick(128, dry=32), suite.pick(28, dry=4), suite.pick(4, dry=2), 16
     contexts, queries = [suite.pick(1000, dry=40), suite.pick(37, dry=9), suite.pick(300, dry=20)], [1, 5, 1]
     blocks = sum(-(-c // page) for c in contexts) + 1
@@ -671,7 +670,7 @@ def section_model_vs_hf(suite: Suite, sec: Section):
 
 def training_logprobs(model, prompts, completions, temperature):
     """The trainer's view: the sequences packed in reverse order into one forward, then token_logprobs."""
-    import kernels
+    from protege.kernels import dispatch as kernels
     order = list(reversed(range(len(prompts))))
     seqs = [prompts[i] + completions[i] for i in order]
     device = model.lm_head_weight.device
@@ -689,7 +688,7 @@ def training_logprobs(model, prompts, completions, temperature):
 
 
 def section_sampler_checks(suite: Suite, sec: Section):
-    from rollout import Sampler, SamplingParams
+    from protege.rollout.sampler import Sampler, SamplingParams
     shape, layers = suite.pick(QWEN_0_5B, dry=TINY_TIED), suite.pick(4, dry=2)
     vocab = shape["vocab_size"]
     new = suite.pick(32, dry=4)
@@ -794,14 +793,14 @@ def section_sampler_checks(suite: Suite, sec: Section):
 
 def section_rollout_fsdp(suite: Suite, sec: Section):
     try:
-        from engine.training.parallelize import RolloutMode, build_training_model
+        from protege.engine.training.parallelize import RolloutMode, build_training_model
     except ImportError:
         sec.skip("rollout mode on FSDP2 == unsharded", "not available on this commit "
                  "(engine.training.parallelize.RolloutMode is not importable)")
         return
-    from engine.model import Qwen2ForCausalLM
-    from engine.training.sft import TokenNLL
-    from rollout import Sampler, SamplingParams
+    from protege.engine.model import Qwen2ForCausalLM
+    from protege.engine.training.sft import TokenNLL
+    from protege.rollout.sampler import Sampler, SamplingParams
     shape, layers = suite.pick(QWEN_0_5B, dry=TINY_TIED), suite.pick(4, dry=2)
 
     def run():
@@ -840,13 +839,13 @@ def section_grpo(suite: Suite, sec: Section):
     sandbox): a tiny model sharded with FSDP2 (one rank), groups sampled in rollout mode, random rewards ->
     group advantages -> packed micro-batches -> the TokenLogprobs root -> policy_loss -> backward, AdamW."""
     try:
-        from engine.training.grpo import group_advantages, policy_loss
-        from engine.training.parallelize import RolloutMode, build_training_model
-        from engine.training.rl import Sample, TokenLogprobs, _micro_batches
+        from protege.engine.training.grpo import group_advantages, policy_loss
+        from protege.engine.training.parallelize import RolloutMode, build_training_model
+        from protege.engine.training.rl import Sample, TokenLogprobs, _micro_batches
     except ImportError as e:
         sec.skip("GRPO step on a tiny config", f"not available on this commit ({e})")
         return
-    from rollout import Sampler, SamplingParams
+    from protege.rollout.sampler import Sampler, SamplingParams
     group, shape = 4, TINY_TIED if suite.dry else dict(QWEN_0_5B, num_hidden_layers=2)
 
     def run():
@@ -898,7 +897,7 @@ def section_grpo(suite: Suite, sec: Section):
 
 # -- speed ---------------------------------------------------------------------------------------------------------
 def section_ops_speed(suite: Suite, sec: Section):
-    S = kernel_bench.Shapes
+    S = kernel_timings.Shapes
     tiny = S(tokens=16, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=32, vocab=64, docs=2)
     shapes = suite.pick(S(tokens=8192), dry=tiny)
     attention_8k = suite.pick(S(tokens=8192, docs=1), dry=S(**dict(vars(tiny), tokens=32, docs=1)))
@@ -925,17 +924,17 @@ def section_ops_speed(suite: Suite, sec: Section):
         rows.append(r)
         sec.add(r)
 
-    kernel_bench.bench_ops(kernel_bench.OPS, shapes, suite.device, dtype, suite.limits, use_compile, sec.out_of_time,
+    kernel_timings.bench_ops(kernel_timings.OPS, shapes, suite.device, dtype, suite.limits, use_compile, sec.out_of_time,
                            on_row)
-    attention = [op for op in kernel_bench.OPS if op.name == "varlen_attention"]
+    attention = [op for op in kernel_timings.OPS if op.name == "varlen_attention"]
     sec.note(f"varlen_attention also at {attention_8k.tokens} tokens in one document (the '8K' rows).")
-    kernel_bench.bench_ops(attention, attention_8k, suite.device, dtype, suite.limits, False, sec.out_of_time,
+    kernel_timings.bench_ops(attention, attention_8k, suite.device, dtype, suite.limits, False, sec.out_of_time,
                            lambda r: on_row({**r, "op": f"{r['op']} 8K"}))
 
 
 def section_logprobs_memory(suite: Suite, sec: Section):
-    from kernels import reference
-    from kernels.ops.token_logprobs import token_logprobs_triton
+    from protege.kernels import reference
+    from protege.kernels.ops.token_logprobs import token_logprobs_triton
     t, h, v = suite.pick(8192, dry=32), suite.pick(3584, dry=32), suite.pick(152064, dry=700)
     dtype = suite.pick(torch.bfloat16, dry=torch.float32)
     sec.note(f"Forward + backward at T={t}, H={h}, V={v} ({str(dtype)[6:]}). Peak extra = "
@@ -971,7 +970,7 @@ def section_logprobs_memory(suite: Suite, sec: Section):
                 out = fwd_bwd(fn)
                 peak = logprobs_memory.status_bytes("VmHWM") - before
             results[label] = out
-            ms = kernel_bench.time_ms(lambda: fwd_bwd(fn), suite.device)
+            ms = kernel_timings.time_ms(lambda: fwd_bwd(fn), suite.device)
             return dict(status="PASS", ms=ms, peak_extra_gib=peak / 2 ** 30)
         return sec.check(f"token_logprobs {label}", run)
 
@@ -988,8 +987,8 @@ def section_logprobs_memory(suite: Suite, sec: Section):
 def bandwidth_bound(config, dtype, prompt_lens, out_lens, steps, bytes_per_s) -> float:
     """Tokens/s if every decode step only read the weights once and each sequence's KV once (prefill and all
     compute ignored): a ceiling, not an estimate of what is reachable."""
-    from engine.training.metrics import matmul_params
-    from rollout.sampler.kv_cache import bytes_per_block
+    from protege.engine.training.metrics import matmul_params
+    from protege.rollout.sampler.kv_cache import bytes_per_block
     weight_bytes = (matmul_params(config)) * torch.finfo(dtype).bits // 8
     kv_per_token = bytes_per_block(config, 1, dtype)
     kv_reads = sum(o * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, out_lens)) * kv_per_token
@@ -999,7 +998,7 @@ def bandwidth_bound(config, dtype, prompt_lens, out_lens, steps, bytes_per_s) ->
 
 def section_sampler_speed(suite: Suite, sec: Section):
     from transformers import Qwen2ForCausalLM as HFQwen2
-    from rollout import Sampler, SamplingParams
+    from protege.rollout.sampler import Sampler, SamplingParams
     dtype = suite.pick(torch.bfloat16, dry=torch.float32)
     shape = suite.pick(QWEN_7B, dry=TINY_UNTIED)
     model = random_model(suite, shape, None, dtype)
@@ -1178,10 +1177,10 @@ def _timed_call(fn) -> float:
 
 
 def section_sft_speed(suite: Suite, sec: Section):
-    from engine.config import ModelConfig
-    from engine.training.metrics import matmul_params, training_flops
-    from engine.training.parallelize import apply_activation_checkpointing, shard
-    from engine.training.sft import TokenNLL
+    from protege.engine.config import ModelConfig
+    from protege.engine.training.metrics import matmul_params, training_flops
+    from protege.engine.training.parallelize import apply_activation_checkpointing, shard
+    from protege.engine.training.sft import TokenNLL
     shape = suite.pick(QWEN_7B, dry=TINY_UNTIED)
     full_layers = shape["num_hidden_layers"]
     docs, doc_len = suite.pick(4, dry=2), suite.pick(2048, dry=16)
@@ -1263,11 +1262,11 @@ def section_sft_speed(suite: Suite, sec: Section):
 
 def rollout_switch(suite: Suite, sec: Section, model, root):
     try:
-        from engine.training.parallelize import RolloutMode
+        from protege.engine.training.parallelize import RolloutMode
     except ImportError:
         sec.skip("rollout-mode switch", "not available on this commit (RolloutMode is not importable)")
         return
-    from rollout import Sampler, SamplingParams
+    from protege.rollout.sampler import Sampler, SamplingParams
 
     def run():
         sampler = Sampler(model, num_blocks=64, block_size=16)
@@ -1291,7 +1290,7 @@ def main() -> int:
     args = p.parse_args()
     if args.dry_run:
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        kernel_bench.CPU_REPEATS, kernel_bench.CPU_WARMUP = 1, False
+        kernel_timings.CPU_REPEATS, kernel_timings.CPU_WARMUP = 1, False
     if not args.out:
         name = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name().replace(" ", "-") if \
             torch.cuda.is_available() else "none"

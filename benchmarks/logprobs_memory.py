@@ -29,10 +29,6 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, this folder comes first on sys.path and benchmarks/kernels.py would shadow the engine's
-# `kernels` package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -60,8 +56,8 @@ def make_inputs(tokens: int, drawn: int, hidden_size: int, vocab: int, dtype: to
 
 
 def worker(args) -> None:
-    from kernels.reference import token_logprobs as unfused
-    from kernels.reference import token_logprobs_chunked as fused
+    from protege.kernels.reference import token_logprobs as unfused
+    from protege.kernels.reference import token_logprobs_chunked as fused
 
     dtype = getattr(torch, args.dtype)
     hidden, weight, targets, upstream = make_inputs(args.worker_tokens, args.tokens, args.hidden, args.vocab,

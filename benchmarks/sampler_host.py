@@ -28,12 +28,11 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not benchmarks/
-import torch  # noqa: E402
+import torch
 
-from engine.config import ModelConfig  # noqa: E402
-from engine.model import Qwen2ForCausalLM  # noqa: E402
-from rollout import Sampler, SamplingParams  # noqa: E402
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.rollout.sampler import Sampler, SamplingParams
 
 BATCH, DECODE_STEPS, REPEATS = 256, 8, 5
 

@@ -1,4 +1,4 @@
-// The extension module engine._C: each concept lives in its own .cpp and registers itself here.
+// The extension module protege.engine._C: each concept lives in its own .cpp and registers itself here.
 #include <pybind11/pybind11.h>
 
 namespace py = pybind11;

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from engine.tokenizer import IM_END, TOOL_CALL_END, TOOL_CALL_START, Tokenizer
+from protege.engine.tokenizer import IM_END, TOOL_CALL_END, TOOL_CALL_START, Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TOOLS_PREAMBLE = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"

@@ -152,7 +152,7 @@ def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.
 
 def _check_names_and_shapes(state: dict[str, torch.Tensor], config) -> None:
     """Refuse to write weights that would not load back as this config's model."""
-    from engine.model import Qwen2ForCausalLM
+    from protege.engine.model import Qwen2ForCausalLM
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

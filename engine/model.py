@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from engine.config import ModelConfig
+from protege.kernels import dispatch as kernels
+from protege.engine.config import ModelConfig
 
 # attention(layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> o [T, Hq, D], q and k after RoPE
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -178,7 +178,7 @@ class Qwen2ForCausalLM(nn.Module):
                         device: torch.device | str | None = None) -> Qwen2ForCausalLM:
         """Load a Hugging Face Qwen2 checkpoint directory (safetensors, single file or sharded), tensor by
         tensor, converting to `dtype` (default: the config's dtype, else float32) on `device` (default CPU)."""
-        from engine.checkpoint import load_checkpoint
+        from protege.engine.checkpoint import load_checkpoint
         config = ModelConfig.from_json(path)
         if dtype is None:
             dtype = getattr(torch, config.dtype) if config.dtype else torch.float32
@@ -190,7 +190,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write a Hugging Face checkpoint (config, generation config, safetensors, tokenizer files)."""
-        from engine.checkpoint import save_state_dict
+        from protege.engine.checkpoint import save_state_dict
         save_state_dict(self.state_dict(), self.config, directory, source_dir=self.source_dir,
                         max_shard_size=max_shard_size)
 

@@ -85,7 +85,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and a tokenizer_config.json (Qwen2.5 chat template) that AutoTokenizer loads."""
-        from engine.chat import QWEN25_CHAT_TEMPLATE  # chat builds on the tokenizer, not the other way
+        from protege.engine.chat import QWEN25_CHAT_TEMPLATE  # chat builds on the tokenizer, not the other way
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the installed package, not this file's siblings
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from engine.training.runtime import init_runtime, shutdown  # noqa: E402
-from engine.training.config import ConfigError, load_config  # noqa: E402
+try:
+    from protege.engine.training.runtime import init_runtime, shutdown
+    from protege.engine.training.config import ConfigError, load_config
+except ModuleNotFoundError as e:
+    if e.name != "protege":
+        raise
+    sys.exit("error: the engine is not installed in this Python (" + sys.executable + "): run `bash scripts/setup.sh`, "
+             "or `pip install -e .` in the repository")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.phase == "grpo":
-        from engine.training.rl import run_grpo as run
+        from protege.engine.training.rl import run_grpo as run
     else:
-        from engine.training.sft import run_sft as run
+        from protege.engine.training.sft import run_sft as run
     try:
         run(cfg, runtime, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rewards.shaping import RewardBreakdown, RewardConfig, RewardInput, score
+from protege.rewards.shaping import RewardBreakdown, RewardConfig, RewardInput, score
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from rewards.normalize import normalize_action, run_lengths
-from rewards.similarity import patch_similarity
+from protege.rewards.normalize import normalize_action, run_lengths
+from protege.rewards.similarity import patch_similarity
 
 
 @dataclass(frozen=True)

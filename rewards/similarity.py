@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from rewards.patches import parse_patch
+from protege.rewards.patches import parse_patch
 
 
 def changed_lines(patch: str) -> Counter:

@@ -1,7 +1,7 @@
 """Aggregate reward breakdowns into the figures the method tracks (logged every RL step)."""
 from __future__ import annotations
 
-from rewards.shaping import RewardBreakdown
+from protege.rewards.shaping import RewardBreakdown
 
 TERMS = ("R_total", "R_loop", "R_follow", "R_other", "R_correct", "R_sim", "R_expert", "R_warrant", "R_b2b",
          "R_quota", "R_no_call", "g_loop", "g_follow")

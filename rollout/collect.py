@@ -1,6 +1,6 @@
 """Collect trajectories: N tasks x G attempts of a policy with an expert, evaluated, written as JSONL.
 
-    python -m rollout.collect --tasks data/tasks/instances.jsonl --policy scripted --expert oracle \\
+    python -m protege.rollout.collect --tasks data/tasks/instances.jsonl --policy scripted --expert oracle \\
         --attempts 2 --out runs/collect [--keep-resolved] [--backend sandbox|docker] [--concurrency 8]
 
 Writes OUT/trajectories.jsonl (resolved ones only with --keep-resolved, e.g. for SFT data) and
@@ -18,24 +18,24 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from engine.tokenizer import Tokenizer, qwen25_tokenizer
-from rewards import action_streaks
-from rewards.stats import loops
-from rollout.agent.loop import AgentConfig, Job, run_batch
-from rollout.envs.base import open_environment
-from rollout.agent.client import AnthropicClient, Prices
-from rollout.agent.expert import AnthropicExpert
-from rollout.agent.oracle import OracleExpert
-from rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, derive_seed, gold_patch_steps
-from rollout.sampler.sampling import SamplingParams
-from rollout.tasks import load_tasks
-from rollout.agent.trajectory import Trajectory, TrajectoryWriter
+from protege.engine.tokenizer import Tokenizer, qwen25_tokenizer
+from protege.rewards.shaping import action_streaks
+from protege.rewards.stats import loops
+from protege.rollout.agent.loop import AgentConfig, Job, run_batch
+from protege.rollout.envs.base import open_environment
+from protege.rollout.agent.client import AnthropicClient, Prices
+from protege.rollout.agent.expert import AnthropicExpert
+from protege.rollout.agent.oracle import OracleExpert
+from protege.rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, derive_seed, gold_patch_steps
+from protege.rollout.sampler.sampling import SamplingParams
+from protege.rollout.tasks import load_tasks
+from protege.rollout.agent.trajectory import Trajectory, TrajectoryWriter
 
 SCRIPTED_TEST_COMMAND = "python3 -m pytest -q -p no:cacheprovider"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rollout.collect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m protege.rollout.collect", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", required=True, help="task file (.json, .jsonl, .parquet)")
     p.add_argument("--policy", choices=("scripted", "anthropic", "sampler"), required=True,
                    help="scripted: replays each task's gold patch (tests, seed data); anthropic: Claude as the "
@@ -99,7 +99,7 @@ def make_backend(name: str):
 
 
 def make_evaluator(name: str):
-    from rollout.evaluate import evaluate_patch
+    from protege.rollout.evaluate import evaluate_patch
 
     def evaluate(task, patch: str) -> dict:
         return evaluate_patch(task, patch, backend=name).to_dict()
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy == "anthropic":
         shared_policy = AnthropicPolicy(anthropic_client())
     elif args.policy == "sampler":
-        from engine.model import Qwen2ForCausalLM
-        from rollout.sampler.sampler import Sampler
+        from protege.engine.model import Qwen2ForCausalLM
+        from protege.rollout.sampler.sampler import Sampler
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, device=device)

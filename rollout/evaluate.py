@@ -8,12 +8,9 @@ import shlex
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from swebench.harness.constants import FAIL_TO_PASS, PASS_TO_PASS, TESTS_TIMEOUT
-from swebench.harness.grading import get_eval_report, get_logs_eval
-from swebench.harness.utils import make_test_spec
-
-from rollout.envs.base import Environment, open_environment
-from rollout.tasks import Task
+from protege.engine.optional import require
+from protege.rollout.envs.base import Environment, open_environment
+from protege.rollout.tasks import Task
 
 # Inside .git: never part of the repository's diff, writable in both backends.
 PATCH_FILE = ".git/protege_model.patch"
@@ -81,7 +78,9 @@ def _evaluate(env: Environment, task: Task, patch: str, timeout: float) -> EvalR
         if applied.exit_code != 0:
             return EvalResult(task.instance_id, resolved=False, patch_applied=False, tests_ran=False,
                               log_tail=applied.output[-LOG_TAIL:])
-    test_spec = make_test_spec(task.swebench_instance())
+    constants = require("swebench.harness.constants", "grading a patch (R_correct)")
+    grading = require("swebench.harness.grading", "grading a patch (R_correct)")
+    test_spec = require("swebench.harness.utils", "grading a patch (R_correct)").make_test_spec(task.swebench_instance())
     env.write_file(SCRIPT_FILE, test_spec.eval_script)
     ran = env.run(f"bash {SCRIPT_FILE} > {LOG_FILE} 2>&1", timeout=timeout)
     try:
@@ -89,16 +88,16 @@ def _evaluate(env: Environment, task: Task, patch: str, timeout: float) -> EvalR
     except FileNotFoundError:
         log = ran.output
     if ran.timed_out:
-        log += f"\n{TESTS_TIMEOUT} after {timeout} s\n"  # swebench's marker: the run is not gradable
+        log += f"\n{constants.TESTS_TIMEOUT} after {timeout} s\n"  # swebench's marker: the run is not gradable
 
     with tempfile.TemporaryDirectory(prefix="protege-eval-") as tmp:
         log_path = os.path.join(tmp, "test_output.txt")
         with open(log_path, "w") as f:
             f.write(log)
-        status_map, found = get_logs_eval(test_spec, log_path)
+        status_map, found = grading.get_logs_eval(test_spec, log_path)
         prediction = {"instance_id": task.instance_id, "model_patch": patch, "model_name_or_path": "protege"}
-        report = get_eval_report(test_spec, prediction, log_path, include_tests_status=True)[task.instance_id]
+        report = grading.get_eval_report(test_spec, prediction, log_path, include_tests_status=True)[task.instance_id]
     tests = report.get("tests_status", {})
     return EvalResult(task.instance_id, resolved=bool(report["resolved"]), patch_applied=True, tests_ran=found,
-                      tests_status=status_map, fail_to_pass=tests.get(FAIL_TO_PASS, {}),
-                      pass_to_pass=tests.get(PASS_TO_PASS, {}), log_tail=log[-LOG_TAIL:])
+                      tests_status=status_map, fail_to_pass=tests.get(constants.FAIL_TO_PASS, {}),
+                      pass_to_pass=tests.get(constants.PASS_TO_PASS, {}), log_tail=log[-LOG_TAIL:])

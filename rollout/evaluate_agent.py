@@ -1,6 +1,6 @@
 """Evaluate a policy on a SWE-bench-format task file the way the paper reports it, resumably.
 
-    python -m rollout.evaluate_agent --tasks tasks.jsonl --policy sampler --checkpoint DIR --out runs/rl \\
+    python -m protege.rollout.evaluate_agent --tasks tasks.jsonl --policy sampler --checkpoint DIR --out runs/rl \\
         [--attempts N --temperature 0.7 --seed 0] [--expert oracle|anthropic|none] [--backend docker|sandbox]
 
 Defaults are the paper's evaluation limits: 75 steps, $2 of expert cost and 6 expert calls per task, the
@@ -25,12 +25,13 @@ import threading
 import time
 from pathlib import Path
 
-from rewards import action_streaks
-from rollout.agent.loop import AgentConfig, Job, run_batch
-from rollout.agent.trajectory import Trajectory
-from rollout.envs.base import open_environment
-from rollout.report import _atomic_write, write_report
-from rollout.tasks import Task, TaskFormatError, load_tasks
+from protege.engine.optional import require
+from protege.rewards.shaping import action_streaks
+from protege.rollout.agent.loop import AgentConfig, Job, run_batch
+from protege.rollout.agent.trajectory import Trajectory
+from protege.rollout.envs.base import open_environment
+from protege.rollout.report import _atomic_write, write_report
+from protege.rollout.tasks import Task, TaskFormatError, load_tasks
 
 POLICIES = ("sampler", "anthropic", "scripted", "empty")
 EXPERTS = ("oracle", "anthropic", "none")
@@ -44,7 +45,7 @@ class InputError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rollout.evaluate_agent", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m protege.rollout.evaluate_agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", required=True, help="SWE-bench-format task file (.json, .jsonl, .parquet)")
     p.add_argument("--policy", choices=POLICIES, required=True)
     p.add_argument("--checkpoint", default=None, help="sampler policy: the model directory (Hugging Face format)")
@@ -111,19 +112,19 @@ def check_backend(args, tasks: list[Task]) -> None:
     """The backend works and every task has its environment: a Docker image present locally (a swebench
     image is used as is) or buildable here (bundled tasks)."""
     if args.backend == "sandbox":
-        from rollout.envs.sandbox import SandboxUnavailable, _check_bwrap
+        from protege.rollout.envs.sandbox import SandboxUnavailable, _check_bwrap
         try:
             _check_bwrap()
         except SandboxUnavailable as e:
             raise InputError(f"--backend sandbox: {e}") from None
-        from rollout.envs.sandbox import prepare_environment
+        from protege.rollout.envs.sandbox import prepare_environment
         for spec in {t.env_spec for t in tasks}:
             try:
                 prepare_environment(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
             except RuntimeError as e:
                 raise InputError(f"task environment: {e}") from None
         return
-    import docker
+    docker = require("docker", "--backend docker")
     try:
         client = docker.from_env()
         client.ping()
@@ -145,7 +146,7 @@ def check_backend(args, tasks: list[Task]) -> None:
         raise InputError(f"{len(missing)} task image(s) are neither present locally nor buildable here: "
                          + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     if to_build:
-        from rollout.envs.images import build_images
+        from protege.rollout.envs.images import build_images
         try:
             build_images(to_build, base=args.base_image, client=client,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -160,10 +161,10 @@ def load_policy(args, tokenizer):
         raise InputError("the Anthropic policy/expert needs ANTHROPIC_API_KEY in the environment")
     if args.policy == "sampler":
         import torch
-        from engine.model import Qwen2ForCausalLM
-        from rollout.agent.policies import SamplerPolicy
-        from rollout.sampler.sampler import Sampler
-        from rollout.sampler.sampling import SamplingParams
+        from protege.engine.model import Qwen2ForCausalLM
+        from protege.rollout.agent.policies import SamplerPolicy
+        from protege.rollout.sampler.sampler import Sampler
+        from protege.rollout.sampler.sampling import SamplingParams
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, device=device)
@@ -176,7 +177,7 @@ def load_policy(args, tokenizer):
 
 
 def load_tokenizer(args):
-    from rollout.collect import load_tokenizer as load
+    from protege.rollout.collect import load_tokenizer as load
     source = args.tokenizer or args.checkpoint
     try:
         return load(args)
@@ -287,12 +288,12 @@ def _main(args) -> int:
     shared = load_policy(args, tokenizer)
     check_backend(args, tasks)
 
-    from rollout.agent.client import AnthropicClient
-    from rollout.agent.expert import AnthropicExpert
-    from rollout.agent.oracle import OracleExpert
-    from rollout.agent.policies import AnthropicPolicy, ScriptedPolicy, gold_patch_steps
-    from rollout.collect import SCRIPTED_TEST_COMMAND
-    from rollout.evaluate import evaluate_patch
+    from protege.rollout.agent.client import AnthropicClient
+    from protege.rollout.agent.expert import AnthropicExpert
+    from protege.rollout.agent.oracle import OracleExpert
+    from protege.rollout.agent.policies import AnthropicPolicy, ScriptedPolicy, gold_patch_steps
+    from protege.rollout.collect import SCRIPTED_TEST_COMMAND
+    from protege.rollout.evaluate import evaluate_patch
 
     (out / "trajectories").mkdir(parents=True, exist_ok=True)
     _atomic_write(previous, json.dumps(settings, indent=2) + "\n")

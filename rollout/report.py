@@ -2,7 +2,7 @@
 with PNG plots; several runs (say the SFT and the RL checkpoint, or with and without the expert) share one
 table and the same plots.
 
-    python -m rollout.report runs/sft runs/rl --out runs/compare [--names SFT RL]
+    python -m protege.rollout.report runs/sft runs/rl --out runs/compare [--names SFT RL]
 
 Figures: Pass@1 (mean over attempts, with a 95% Wilson interval over all attempts), Pass@k when a run made
 k > 1 attempts, expert calls per task, expert token share (expert guidance tokens / all context tokens),
@@ -20,8 +20,9 @@ from collections import Counter
 from math import comb
 from pathlib import Path
 
-from engine.checkpoint import write_atomically
-from rollout.agent.trajectory import TERMINATIONS
+from protege.engine.checkpoint import write_atomically
+from protege.engine.optional import pyplot
+from protege.rollout.agent.trajectory import TERMINATIONS
 
 LOOP_THRESHOLDS = (10, 20, 40)
 
@@ -95,9 +96,9 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
 # ---------------------------------------------------------------------------------------------- plots
 
 def _plots(runs: list[tuple[str, list[dict], dict]], out: Path) -> list[tuple[str, str]]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the report's plots")
+    if plt is None:
+        return []
     from matplotlib.ticker import MaxNLocator
 
     names = [name for name, _, _ in runs]
@@ -236,8 +237,8 @@ def write_report(runs: list[tuple[str, list[dict]]], out: str | os.PathLike, set
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rollout.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories of python -m rollout.evaluate_agent")
+    p = argparse.ArgumentParser(prog="python -m protege.rollout.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories of python -m protege.rollout.evaluate_agent")
     p.add_argument("--out", required=True, help="where report.md and the plots go")
     p.add_argument("--names", nargs="+", default=None, help="one label per run (default: the directory names)")
     args = p.parse_args(argv)

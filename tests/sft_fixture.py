@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM as HFQwen2
 
-from engine.tokenizer import train_bpe_tokenizer
+from protege.engine.tokenizer import train_bpe_tokenizer
 
 WORDS = "fix the bug in parser add test run pytest open file edit line value error index off by one".split()
 

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
-from engine.tokenizer import qwen25_tokenizer, train_bpe_tokenizer
-from rollout.agent import tools
-from rollout.agent.loop import AgentConfig, Job, run_agent, run_batch
-from rollout.agent.client import AnthropicClient, Prices
-from rollout.agent.expert import AnthropicExpert
-from rollout.agent.oracle import OracleExpert
-from rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, Step, gold_patch_steps
-from rollout.sampler.sampler import Sampler
-from rollout.sampler.sampling import SamplingParams
-from rollout.tasks import bundled_tasks
-from tests.anthropic_server import AnthropicTestServer, Reply
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.tokenizer import qwen25_tokenizer, train_bpe_tokenizer
+from protege.rollout.agent import tools
+from protege.rollout.agent.loop import AgentConfig, Job, run_agent, run_batch
+from protege.rollout.agent.client import AnthropicClient, Prices
+from protege.rollout.agent.expert import AnthropicExpert
+from protege.rollout.agent.oracle import OracleExpert
+from protege.rollout.agent.policies import AnthropicPolicy, SamplerPolicy, ScriptedPolicy, Step, gold_patch_steps
+from protege.rollout.sampler.sampler import Sampler
+from protege.rollout.sampler.sampling import SamplingParams
+from protege.rollout.tasks import bundled_tasks
+from anthropic_server import AnthropicTestServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_KEY = "sk-ant-test-FAKE-KEY-9f8e7d6c5b4a"
@@ -39,7 +39,7 @@ def task():
 
 
 def sandbox(task):
-    from rollout.envs.sandbox import SandboxEnvironment
+    from protege.rollout.envs.sandbox import SandboxEnvironment
     return SandboxEnvironment(task)
 
 
@@ -64,7 +64,7 @@ ASK = Step(tools.ASK_EXPERT, {"question": "Where is the bug?"})
 # ------------------------------------------------------------------------------------------ end to end
 
 def check_gold_run(task, env, tok, backend):
-    from rollout.evaluate import evaluate_patch
+    from protege.rollout.evaluate import evaluate_patch
     policy = ScriptedPolicy(gold_patch_steps(task, "python3 -m pytest -q -p no:cacheprovider"))
     traj = run_agent(task, env, policy, OracleExpert(), tok)
     assert traj.termination == "submitted" and traj.error is None
@@ -86,7 +86,7 @@ def test_scripted_gold_run_resolves_a_bundled_task_in_the_sandbox(task, env, tok
 
 @pytest.mark.docker
 def test_scripted_gold_run_resolves_a_bundled_task_in_docker(task, tok, bundled_images, docker_client):
-    from rollout.envs.docker import DockerEnvironment
+    from protege.rollout.envs.docker import DockerEnvironment
     with DockerEnvironment(bundled_images[task.instance_id], client=docker_client) as env:
         check_gold_run(task, env, tok, "docker")
 
@@ -376,8 +376,8 @@ def test_sampler_policy_turns_end_at_im_end_whatever_the_samplers_eos(task, env,
 
 
 def test_collect_cli_with_the_sampler_policy(tmp_path, sandbox_ready):
-    from rollout.collect import main
-    from rollout.agent.trajectory import load_trajectories
+    from protege.rollout.collect import main
+    from protege.rollout.agent.trajectory import load_trajectories
     checkpoint = tmp_path / "model"
     tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, checkpoint)
     im_end_model(tokenizer).save_pretrained(checkpoint)
@@ -457,7 +457,7 @@ def test_collect_cli_scripted_with_the_anthropic_expert_never_writes_the_key(tmp
     with AnthropicTestServer(responder=respond) as server:
         out = tmp_path / "out"
         env = {**os.environ, "ANTHROPIC_API_KEY": FAKE_KEY}
-        command = [sys.executable, "-m", "rollout.collect", "--tasks", str(ROOT / "data/tasks/instances.jsonl"),
+        command = [sys.executable, "-m", "protege.rollout.collect", "--tasks", str(ROOT / "data/tasks/instances.jsonl"),
                    "--policy", "scripted", "--expert", "anthropic", "--anthropic-base-url", server.base_url,
                    "--attempts", "2", "--limit", "2", "--out", str(out), "--backend", "sandbox",
                    "--concurrency", "4", "--keep-resolved"]
@@ -468,7 +468,7 @@ def test_collect_cli_scripted_with_the_anthropic_expert_never_writes_the_key(tmp
     assert summary["resolve_rate"] == 1.0 and summary["termination"] == {"submitted": 4}
     assert summary["expert_calls_per_task"] == 1.0 and 0 < summary["expert_token_share"] < 0.2
     assert summary["loop_rate"] == 0.0 and summary["written"] == 4
-    from rollout.agent.trajectory import load_trajectories
+    from protege.rollout.agent.trajectory import load_trajectories
     trajectories = load_trajectories(out / "trajectories.jsonl")
     assert len(trajectories) == 4 and all(t.resolved for t in trajectories)
     assert all(t.expert_calls[0].answer == "The bug is in the loop bound." for t in trajectories)

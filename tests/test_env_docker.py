@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.docker_fixtures import protege_containers, scripted_leap_year_fix
+from docker_fixtures import protege_containers, scripted_leap_year_fix
 
 pytestmark = pytest.mark.docker
 
@@ -20,7 +20,7 @@ def task(bundled_images):
 
 @pytest.fixture
 def env(task, docker_client):
-    from rollout.envs.docker import DockerEnvironment
+    from protege.rollout.envs.docker import DockerEnvironment
     with DockerEnvironment(task, client=docker_client, timeout=30, output_cap=1000) as environment:
         yield environment
 
@@ -93,8 +93,8 @@ def test_no_network_and_host_untouched(env, tmp_path):
 
 
 def test_scripted_fix_resolves_end_to_end(task, docker_client):
-    from rollout.envs.docker import DockerEnvironment
-    from rollout.evaluate import evaluate_patch
+    from protege.rollout.envs.docker import DockerEnvironment
+    from protege.rollout.evaluate import evaluate_patch
     with DockerEnvironment(task, client=docker_client) as env:
         patch = scripted_leap_year_fix(env, task)
     assert "tests/regression/test_2000.py" in patch
@@ -103,7 +103,7 @@ def test_scripted_fix_resolves_end_to_end(task, docker_client):
 
 
 def test_containers_never_leak(task, docker_client):
-    from rollout.envs.docker import DockerEnvironment
+    from protege.rollout.envs.docker import DockerEnvironment
     before = len(protege_containers(docker_client))
     with pytest.raises(ZeroDivisionError):
         with DockerEnvironment(task, client=docker_client) as env:
@@ -114,7 +114,7 @@ def test_containers_never_leak(task, docker_client):
     with pytest.raises(RuntimeError, match="closed"):
         env.run("true")
     # A process that exits without closing its environment still removes the container (atexit).
-    script = ("from rollout.envs.docker import DockerEnvironment\nfrom rollout.tasks import bundled_tasks\n"
+    script = ("from protege.rollout.envs.docker import DockerEnvironment\nfrom protege.rollout.tasks import bundled_tasks\n"
               f"env = DockerEnvironment([t for t in bundled_tasks() if t.instance_id == {task.instance_id!r}][0])\n"
               "print(env.run('echo up').output, end='')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from rollout.tasks import bundled_tasks
-from tests.docker_fixtures import scripted_leap_year_fix
+from protege.rollout.tasks import bundled_tasks
+from docker_fixtures import scripted_leap_year_fix
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def task():
 
 @pytest.fixture
 def env(task, sandbox_ready, tmp_path):
-    from rollout.envs.sandbox import SandboxEnvironment
+    from protege.rollout.envs.sandbox import SandboxEnvironment
     with SandboxEnvironment(task, workdir=str(tmp_path), timeout=30, output_cap=1000) as environment:
         yield environment
 
@@ -72,7 +72,7 @@ def test_files_and_diff(env):
 def test_fifo_in_the_workspace_is_refused_not_waited_on(env):
     """A FIFO the model made: opening it from this (host) process would block forever."""
     import threading
-    from rollout.agent import tools
+    from protege.rollout.agent import tools
     assert env.run("mkfifo pipe").exit_code == 0
     errors = []
 
@@ -157,7 +157,7 @@ def test_host_daemon_sockets_are_out_of_reach(env):
 
 
 def test_refuses_without_bwrap(task, monkeypatch):
-    from rollout.envs import sandbox as env_sandbox
+    from protege.rollout.envs import sandbox as env_sandbox
     monkeypatch.setattr(env_sandbox.shutil, "which", lambda name: None)
     env_sandbox._check_bwrap.cache_clear()
     try:
@@ -168,8 +168,8 @@ def test_refuses_without_bwrap(task, monkeypatch):
 
 
 def test_scripted_fix_resolves_end_to_end(task, sandbox_ready):
-    from rollout.envs.sandbox import SandboxEnvironment
-    from rollout.evaluate import evaluate_patch
+    from protege.rollout.envs.sandbox import SandboxEnvironment
+    from protege.rollout.evaluate import evaluate_patch
     with SandboxEnvironment(task) as env:
         patch = scripted_leap_year_fix(env, task)
         workspace = env.host_repo_dir
@@ -202,22 +202,22 @@ def test_engine_in_a_venv_under_tmp_with_a_bare_path_still_grades(tmp_path, sand
     import site
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
     engine = tmp_path / "engine-venv"
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(engine)],
                    check=True)
-    (next(engine.glob("lib/python*/site-packages")) / "engine_deps.pth").write_text(site.getsitepackages()[0] + "\n")
+    # The engine's site-packages as a site dir (its .pth files too: the editable install's import hook).
+    (next(engine.glob("lib/python*/site-packages")) / "engine_deps.pth").write_text(
+        f"import site; site.addsitedir({site.getsitepackages()[0]!r})\n")
     script = textwrap.dedent("""
         import json, shutil, sys
-        from rollout.evaluate import evaluate_patch
-        from rollout.tasks import bundled_tasks
+        from protege.rollout.evaluate import evaluate_patch
+        from protege.rollout.tasks import bundled_tasks
         out = {"python": sys.executable, "python3_on_path": shutil.which("python3")}
         for task in bundled_tasks()[:2]:
             out[task.instance_id] = [evaluate_patch(task, p, backend="sandbox").resolved for p in (task.patch, "")]
         print(json.dumps(out))
     """)
-    env = {"PATH": f"{engine}/bin:/usr/bin", "PYTHONPATH": str(root), "HOME": os.environ.get("HOME", "/root")}
+    env = {"PATH": f"{engine}/bin:/usr/bin", "HOME": os.environ.get("HOME", "/root")}
     if "PROTEGE_CACHE" in os.environ:
         env["PROTEGE_CACHE"] = os.environ["PROTEGE_CACHE"]
     done = subprocess.run([str(engine / "bin/python"), "-c", script], env=env, capture_output=True, text=True,

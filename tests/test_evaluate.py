@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rollout.evaluate import evaluate_patch, evaluate_patches
-from rollout.tasks import BUNDLED_JSONL, UPSTREAM_JSONL, bundled_tasks, upstream_tasks
+from protege.rollout.evaluate import evaluate_patch, evaluate_patches
+from protege.rollout.tasks import BUNDLED_JSONL, UPSTREAM_JSONL, bundled_tasks, upstream_tasks
 
 # The upstream set: a released project's own code and tests, whose pytest configuration needs a plugin
 # (pytest-cov) and whose package has an install step -- graded only through the task's declared environment.

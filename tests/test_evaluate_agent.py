@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout.evaluate_agent import main
-from rollout.report import main as report_main, pass_at_k, wilson_interval
+from protege.rollout.evaluate_agent import main
+from protege.rollout.report import main as report_main, pass_at_k, wilson_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "data/tasks/instances.jsonl"
@@ -72,7 +72,7 @@ def test_kill_9_then_rerun_finishes_without_redoing_finished_attempts(gold_run, 
     out = tmp_path / "run"
     args = ["--tasks", str(TASKS), "--policy", "scripted", "--backend", "sandbox", "--out", str(out),
             "--concurrency", "1", *LIMIT]
-    proc = subprocess.Popen([sys.executable, "-m", "rollout.evaluate_agent", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "protege.rollout.evaluate_agent", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = out / "results.jsonl"
     deadline = time.monotonic() + 240
@@ -125,7 +125,7 @@ def test_a_checkpoint_that_does_not_load_fails_before_any_work(tmp_path, capsys)
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text('{"model_type": "qwen2"}')
-    from engine.tokenizer import train_bpe_tokenizer
+    from protege.engine.tokenizer import train_bpe_tokenizer
     train_bpe_tokenizer(["a few words"] * 4, 300, checkpoint)
     assert main(["--tasks", str(TASKS), "--policy", "sampler", "--checkpoint", str(checkpoint),
                  "--out", str(tmp_path / "out"), "--backend", "sandbox"]) == 2
@@ -159,9 +159,9 @@ def test_sampler_policy_seeded_attempts_replay_and_differ(tmp_path, sandbox_read
     """A checkpoint through the sampler, two sampled attempts: each attempt's draws come from seed + attempt,
     so a second run replays the first token for token, and the two attempts differ."""
     import torch
-    from engine.config import ModelConfig
-    from engine.model import Qwen2ForCausalLM
-    from engine.tokenizer import train_bpe_tokenizer
+    from protege.engine.config import ModelConfig
+    from protege.engine.model import Qwen2ForCausalLM
+    from protege.engine.tokenizer import train_bpe_tokenizer
     checkpoint = tmp_path / "model"
     tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, checkpoint)
     torch.manual_seed(0)
@@ -192,7 +192,7 @@ def test_swebench_harness_takes_our_predictions_and_grades_like_us(gold_run, tmp
     """swebench's own run_evaluation on our predictions.jsonl (one prediction swapped for the task's wrong
     fix), against the same task file and our locally built images: the same resolved set as rollout.evaluate."""
     from swebench.harness.run_evaluation import main as run_evaluation
-    from rollout.evaluate import evaluate_patch
+    from protege.rollout.evaluate import evaluate_patch
     rows = {r["instance_id"]: r for r in map(json.loads, TASKS.read_text().splitlines())}
     predictions = [json.loads(line) for line in (gold_run / "predictions.jsonl").read_text().splitlines()][:2]
     predictions[1]["model_patch"] = rows[predictions[1]["instance_id"]]["wrong_patch"]
@@ -212,7 +212,7 @@ def test_swebench_harness_takes_our_predictions_and_grades_like_us(gold_run, tmp
 def test_a_local_swebench_image_is_used_as_it_is(tmp_path, docker_client, bundled_images, capsys):
     """A row without an image or bundled source names swebench's image for its instance; present locally, it is
     used as it is (here: a bundled task's image tagged with that name)."""
-    from rollout.tasks import swebench_image_name
+    from protege.rollout.tasks import swebench_image_name
     row = json.loads(TASKS.read_text().splitlines()[0])
     name = swebench_image_name(row["instance_id"])
     for field in ("image", "source", "environment"):
@@ -246,7 +246,7 @@ def test_a_bad_environment_declaration_fails_before_any_work(tmp_path, capsys, s
 
 
 def test_claude_as_the_agent_and_the_expert_costs_are_per_task(tmp_path, monkeypatch, sandbox_ready):
-    from tests.anthropic_server import AnthropicTestServer, Reply
+    from anthropic_server import AnthropicTestServer, Reply
 
     def respond(body):
         if "You review how" in body["system"]:                        # the hidden judge

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from rewards.patches import hunks, patch_files
-from rollout.agent.client import AnthropicClient, Prices
-from rollout.agent.expert import AnthropicExpert
-from rollout.agent.judge import JudgeCase, parse_judge
-from rollout.agent.oracle import OracleExpert
-from rollout.agent.trajectory import Action
-from tests.anthropic_server import AnthropicTestServer, Reply
+from protege.rewards.patches import hunks, patch_files
+from protege.rollout.agent.client import AnthropicClient, Prices
+from protege.rollout.agent.expert import AnthropicExpert
+from protege.rollout.agent.judge import JudgeCase, parse_judge
+from protege.rollout.agent.oracle import OracleExpert
+from protege.rollout.agent.trajectory import Action
+from anthropic_server import AnthropicTestServer, Reply
 
 FAKE_KEY = "sk-ant-test-FAKE-KEY-0123456789abcdef"
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.training.grpo import group_advantages, policy_loss
+from protege.engine.training.grpo import group_advantages, policy_loss
 
 
 def test_group_advantages_by_hand():

@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 
-from kernels.interpreter_dot import use_row_invariant_dot
-from kernels.ops.linear import linear_triton
-from tests.numerics import batches_that_change_bits
+from protege.kernels.interpreter_dot import use_row_invariant_dot
+from protege.kernels.ops.linear import linear_triton
+from protege.kernels.precision import batches_that_change_bits
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="tests the CPU interpreter")
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _validate
-from kernels.ops.linear import linear_triton
-from tests.numerics import assert_close_to_fp64, batches_that_change_bits
+from protege.kernels import _validate
+from protege.kernels.ops.linear import linear_triton
+from protege.kernels.precision import assert_close_to_fp64, batches_that_change_bits
 
 # (x shape, out features, bias): a nice shape with leading dims; an odd one spanning two N tiles and a
 # K remainder

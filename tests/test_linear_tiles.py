@@ -6,8 +6,8 @@ tl.dot whose rows do not depend on their place in the tile (tests/conftest.py), 
 import pytest
 import torch
 
-from kernels.ops import linear
-from kernels.ops.linear import BLOCK_MS, _matmul, block_m_choices, linear_triton, pick_block_m
+from protege.kernels.ops import linear
+from protege.kernels.ops.linear import BLOCK_MS, _matmul, block_m_choices, linear_triton, pick_block_m
 
 
 def make(m, k, n, dtype, seed=0):

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM, _positions
-from engine.training.parallelize import apply_activation_checkpointing
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM, _positions
+from protege.engine.training.parallelize import apply_activation_checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [5, 1, 11, 4]
@@ -242,16 +242,3 @@ def test_bad_inputs_are_refused(ids, cu, message):
         cu = torch.tensor(cu, dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
         model(ids, cu_seqlens=cu)
-
-
-def test_transformers_does_not_mistake_our_kernels_package_for_hub_kernels():
-    """Our top-level package is named `kernels`, like the hub-kernels distribution transformers probes for.
-    transformers finds it (distribution protege-engine) and must reject it: it then never calls into it. It is
-    rejected by version (hub kernels 0.18.2+), so protege-engine's version must stay below that."""
-    import kernels
-    from transformers.utils import import_utils
-
-    assert os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join(REPO, "kernels")
-    import_utils.is_kernels_available.cache_clear()  # probe afresh, with our package importable
-    assert import_utils.is_kernels_available() is False
-    assert transformers.Qwen2ForCausalLM.__module__ == "transformers.models.qwen2.modeling_qwen2"

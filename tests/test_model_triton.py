@@ -3,8 +3,8 @@ packing invariance: a sequence's logits do not depend on what else is in the pac
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
 
 LENGTHS = [7, 1, 19, 10]
 

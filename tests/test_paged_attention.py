@@ -3,10 +3,10 @@ the invariances the sampler relies on (batch composition, chunking, agreement wi
 import pytest
 import torch
 
-from kernels import reference
-from kernels.ops.attention import varlen_attention_triton
-from kernels.ops.paged_attention import SPLITS, decode_plan, paged_attention_triton, split_len, write_kv_cache_triton
-from tests.numerics import assert_close_to_fp64
+from protege.kernels import reference
+from protege.kernels.ops.attention import varlen_attention_triton
+from protege.kernels.ops.paged_attention import SPLITS, decode_plan, paged_attention_triton, split_len, write_kv_cache_triton
+from protege.kernels.precision import assert_close_to_fp64
 
 
 def make_case(lengths, query_lens, hq, hkv, d, block_size, dtype, seed=0):

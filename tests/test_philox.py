@@ -5,9 +5,9 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference
+from protege.kernels import reference
 
-philox = importlib.import_module("kernels.ops.philox")
+philox = importlib.import_module("protege.kernels.ops.philox")
 
 # Random123's kat_vectors for philox4x32_10: (counter words, key words) -> output words.
 KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

@@ -1,5 +1,5 @@
 """The built-in default job's guard for the user's files (the job itself runs in the README's main command)."""
-from engine.training.quickstart import MARKER, main
+from protege.engine.training.quickstart import MARKER, main
 
 
 def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path, capsys):

@@ -5,10 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rewards
-from rewards import (NAVIGATION, Action, Curriculum, ExpertCall, RewardConfig, RewardInput, action_streaks, aggregate,
-                     gate, loop_penalty, loop_reward, normalize_action, normalize_command, patch_similarity, score,
-                     streaks)
+from protege.rewards.curriculum import Curriculum
+from protege.rewards.normalize import NAVIGATION, normalize_action, normalize_command, streaks
+from protege.rewards.shaping import (Action, ExpertCall, RewardConfig, RewardInput, action_streaks, gate, loop_penalty,
+                                     loop_reward, score)
+from protege.rewards.similarity import changed_lines, patch_similarity
+from protege.rewards.stats import aggregate
 
 STAGE_I = Curriculum.default().stage_at(1).reward
 STAGE_II = Curriculum.default().stage_at(81).reward
@@ -157,7 +159,7 @@ def test_similarity_partial_by_hand():
 
 def test_removed_line_starting_with_dashes_is_content():
     patch = "--- a/q.sql\n+++ b/q.sql\n@@ -1,2 +1,2 @@\n select 1;\n--- old\n+-- new\n"
-    assert rewards.changed_lines(patch) == {("q.sql", "-", "-- old"): 1, ("q.sql", "+", "-- new"): 1}
+    assert changed_lines(patch) == {("q.sql", "-", "-- old"): 1, ("q.sql", "+", "-- new"): 1}
 
 
 # ---------------------------------------------------------------- gates, stages, R_total

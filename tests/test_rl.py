@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.tokenizer import Tokenizer
-from engine.training.tiny import make_tiny_base
+from protege.engine.tokenizer import Tokenizer
+from protege.engine.training.tiny import make_tiny_base
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "grpo-tiny.toml"
@@ -137,12 +137,12 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     other = tmp_path / "other"
-    from engine.config import ModelConfig
-    from engine.model import Qwen2ForCausalLM
+    from protege.engine.config import ModelConfig
+    from protege.engine.model import Qwen2ForCausalLM
     config = ModelConfig.from_json(models[0])
     Qwen2ForCausalLM(ModelConfig(**{**vars(config), "hidden_size": 64, "head_dim": 16})).save_pretrained(other)
     extra = [e.replace("EMPTY", json.dumps(str(empty))).replace("OTHER", json.dumps(str(other))) for e in extra]
-    from engine.train import main
+    from protege.engine.train import main
     code = main(["--config", str(CONFIG), *overrides(models, tmp_path / "run"), *extra])
     err = capsys.readouterr().err
     assert code in (1, 2) and problem in err and "Traceback" not in err, err
@@ -151,11 +151,11 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
 def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
     """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
     sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit."""
-    from engine.config import ModelConfig
-    from engine.model import Qwen2ForCausalLM
-    from engine.training.grpo import policy_loss
-    from engine.training.rl import Sample, TokenLogprobs, _micro_batches
-    from rollout import Sampler, SamplingParams
+    from protege.engine.config import ModelConfig
+    from protege.engine.model import Qwen2ForCausalLM
+    from protege.engine.training.grpo import policy_loss
+    from protege.engine.training.rl import Sample, TokenLogprobs, _micro_batches
+    from protege.rollout.sampler import Sampler, SamplingParams
     monkeypatch.setenv("PROTEGE_KERNELS", "triton")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -176,8 +176,8 @@ def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
 def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_path, bundled_images, docker_client):
     """Docker backend: one task's image does not exist. Its trajectories end as errors (recorded, scored as
     unresolved), the other task's run normally, the step completes, and no container is left behind."""
-    from rollout.envs.docker import LABEL
-    from rollout.tasks import BUNDLED_JSONL
+    from protege.rollout.envs.docker import LABEL
+    from protege.rollout.tasks import BUNDLED_JSONL
     rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
     for row in rows:   # a task's source directory is relative to its task file
         row["source"] = str((BUNDLED_JSONL.parent / row["source"]).resolve())

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.ops.rms_norm import add_rms_norm_triton, rms_norm_triton
-from tests.numerics import assert_close_to_fp64
+from protege.kernels import reference
+from protege.kernels.ops.rms_norm import add_rms_norm_triton, rms_norm_triton
+from protege.kernels.precision import assert_close_to_fp64
 
 EPS = 1e-6
 SHAPES = [(2, 8, 64), (37, 80)]  # a nice shape with leading dims, an odd one

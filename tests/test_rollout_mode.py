@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
-from engine.training.parallelize import RolloutMode
-from engine.training.sft import TokenNLL
-from rollout import Sampler, SamplingParams
-from rollout.sampler.server import SamplerServer
-from tests.rollout_mode_case import GREEDY_TOKENS, LR, PROMPTS, VOCAB, train_batch
+from protege.kernels import dispatch as kernels
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.training.parallelize import RolloutMode
+from protege.engine.training.sft import TokenNLL
+from protege.rollout.sampler import Sampler, SamplingParams
+from protege.rollout.sampler.server import SamplerServer
+from rollout_mode_case import GREEDY_TOKENS, LR, PROMPTS, VOCAB, train_batch
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
@@ -170,7 +170,7 @@ def test_engine_thread_samples_on_the_models_device(monkeypatch):
             return 0
 
         def step(self):
-            from rollout.sampler.sequence import Completion, RequestOutput
+            from protege.rollout.sampler.sequence import Completion, RequestOutput
             return [RequestOutput(0, [1], [Completion([2], [0.0], "stop")])]
 
         def abort_all(self):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.ops.rope import apply_rope_triton
-from tests.numerics import assert_close_to_fp64
+from protege.kernels import reference
+from protege.kernels.ops.rope import apply_rope_triton
+from protege.kernels.precision import assert_close_to_fp64
 
 THETA = 1e6
 # (tokens, q heads, kv heads, head_dim): a nice shape and an odd one with 7:1 GQA

@@ -4,9 +4,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import kernels
-from engine.model import Qwen2ForCausalLM
-from rollout import Sampler, SamplingParams
+from protege.kernels import dispatch as kernels
+from protege.engine.model import Qwen2ForCausalLM
+from protege.rollout.sampler import Sampler, SamplingParams
 
 VOCAB = 128
 
@@ -268,7 +268,7 @@ def test_pool_sized_from_a_memory_budget(model):
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.6)])
 def test_sample_tokens_follows_the_truncated_distribution(top_k, top_p):
-    from rollout.sampler.sampling import sample_tokens
+    from protege.rollout.sampler.sampling import sample_tokens
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -9.0])
     temperature, draws = 0.8, 20000
     probs = (logits.double() / temperature).softmax(-1)
@@ -292,7 +292,7 @@ def test_sample_tokens_follows_the_truncated_distribution(top_k, top_p):
 
 
 def test_top_p_over_candidates_is_the_full_draw_or_says_incomplete():
-    from rollout.sampler.sampling import sample_tokens
+    from protege.rollout.sampler.sampling import sample_tokens
     g = torch.Generator().manual_seed(0)
     rows = 64
     z = torch.randn(rows, 200, generator=g) * torch.linspace(0.2, 6, rows)[:, None]   # flat to peaked rows

@@ -7,11 +7,11 @@ log-probs as one without; graphs refuse other weights."""
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
-from rollout import Sampler, SamplingParams
-from rollout.sampler.attention import AttentionMetadata, PagedAttention
-from rollout.sampler.cuda_graphs import graph_buckets, pick_bucket
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.rollout.sampler import Sampler, SamplingParams
+from protege.rollout.sampler.attention import AttentionMetadata, PagedAttention
+from protege.rollout.sampler.cuda_graphs import graph_buckets, pick_bucket
 
 VOCAB = 128
 SIZES, CHUNK = (1, 2, 4, 8), 8   # graphs of 1..8 decode rows, and of 1..8 rows plus up to 8 tokens per sequence

@@ -2,7 +2,7 @@
 stays intact while the next step is packed (two buffers take turns), growing when a step needs more."""
 import torch
 
-from rollout.sampler.staging import Staging
+from protege.rollout.sampler.staging import Staging
 
 
 def test_uploads_survive_the_next_step_and_buffers_grow():

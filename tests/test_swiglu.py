@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.ops.swiglu import swiglu_triton
-from tests.numerics import assert_close_to_fp64
+from protege.kernels import reference
+from protege.kernels.ops.swiglu import swiglu_triton
+from protege.kernels.precision import assert_close_to_fp64
 
 SHAPES = [(2, 4, 64), (37, 80)]  # a nice shape with leading dims, an odd one
 

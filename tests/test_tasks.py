@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from rewards.patches import patch_files, reverse_patch
-from rollout.tasks import (BUNDLED_JSONL, TaskFormatError, bundled_rows, bundled_tasks, load_tasks,
+from protege.rewards.patches import patch_files, reverse_patch
+from protege.rollout.tasks import (BUNDLED_JSONL, TaskFormatError, bundled_rows, bundled_tasks, load_tasks,
                            materialize_repo, swebench_image_name)
 
 ROWS = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()]
@@ -36,7 +36,7 @@ def swesmith_row(row):
 def test_bundled_set_is_up_to_date():
     """instances.jsonl is what the sources in data/tasks/ generate, base commits included (they are
     reproducible: fixed author, committer and dates); the same for the upstream set."""
-    from rollout.tasks import UPSTREAM_DIR, UPSTREAM_JSONL
+    from protege.rollout.tasks import UPSTREAM_DIR, UPSTREAM_JSONL
     assert bundled_rows() == ROWS
     assert bundled_rows(UPSTREAM_DIR) == [json.loads(line) for line in UPSTREAM_JSONL.read_text().splitlines()]
 
@@ -207,7 +207,7 @@ def test_bad_files(tmp_path):
 
 
 def test_environment_declarations_as_swebench_spells_them():
-    from rollout.tasks import EnvSpec, TaskFormatError, parse_env_spec
+    from protege.rollout.tasks import EnvSpec, TaskFormatError, parse_env_spec
     spec = parse_env_spec({"python": 3.9, "packages": "pytest==8.3.5 pytest-cov", "pip_packages": ["attrs"],
                            "pre_install": "apt-get -v", "install": "pip install -e .", "test_cmd": ["pytest -rA"]}, "t")
     assert spec == EnvSpec("3.9", ("pytest==8.3.5", "pytest-cov", "attrs"), ("apt-get -v",), "pip install -e .",

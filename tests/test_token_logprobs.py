@@ -6,9 +6,9 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference
+from protege.kernels import reference
 
-tlp = importlib.import_module("kernels.ops.token_logprobs")
+tlp = importlib.import_module("protege.kernels.ops.token_logprobs")
 
 IMPLS = {"triton": tlp.token_logprobs_triton, "chunked": reference.token_logprobs_chunked}
 # (T, H, V, temperature): a nice shape, and an odd one (nothing a multiple of a block) at temperature != 1.
@@ -166,7 +166,7 @@ def test_bad_input_is_named(impl, message):
 
 
 def test_triton_path_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    from kernels import _validate
+    from protege.kernels import _validate
     monkeypatch.setattr(_validate, "INTERPRETING", False)
     with pytest.raises(ValueError, match="token_logprobs: hidden is on cpu; the Triton kernels need a CUDA tensor"):
         tlp.token_logprobs_triton(torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,)))
@@ -175,7 +175,7 @@ def test_triton_path_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_head_logits_are_the_logits_token_logprobs_uses(impl):
     """The sampler draws from softmax(head_logits) and reports token_logprobs: one distribution."""
-    from kernels.ops.token_logprobs import head_logits_triton
+    from protege.kernels.ops.token_logprobs import head_logits_triton
     head = {"triton": head_logits_triton, "chunked": reference.head_logits_chunked}[impl]
     T, H, V, temperature = SHAPES["odd"]
     hidden, weight, targets, _, _ = make_inputs(T, H, V)
@@ -192,7 +192,7 @@ def test_head_logits_are_the_logits_token_logprobs_uses(impl):
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_logprobs_from_logits_are_token_logprobs_bitwise(impl, shape, small_chunks):
     """The sampler's one pass over the LM head: log p from head_logits' z equals the fused op bit for bit."""
-    from kernels.ops.token_logprobs import head_logits_triton, logprobs_from_logits_triton
+    from protege.kernels.ops.token_logprobs import head_logits_triton, logprobs_from_logits_triton
     head, from_z = {"triton": (head_logits_triton, logprobs_from_logits_triton),
                     "chunked": (reference.head_logits_chunked, reference.logprobs_from_logits_chunked)}[impl]
     T, H, V, temperature = SHAPES[shape]

@@ -6,7 +6,7 @@ import pytest
 import tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.tokenizer import Tokenizer, qwen25_tokenizer, qwen25_tokenizer_file, train_bpe_tokenizer
+from protege.engine.tokenizer import Tokenizer, qwen25_tokenizer, qwen25_tokenizer_file, train_bpe_tokenizer
 
 TEXTS = ["Hello, world!", "<|im_start|>user\n你好<|im_end|>\n", "def f(x):\n    return x  # ok\n\n\n",
          "naïve café 123456 ü\u0301 «quotes» \"q\" \\ <tool_call>\n{\"a\": 1}\n</tool_call>", "  \t spaces\r\n end  "]

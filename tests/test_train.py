@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.training.data import DataError, SFTDataset
-from rollout.agent.trajectory import Trajectory
-from engine.training.config import ConfigError, load_config
-from tests.sft_fixture import make_sft_setup, write_config
+from protege.engine.training.data import DataError, SFTDataset
+from protege.rollout.agent.trajectory import Trajectory
+from protege.engine.training.config import ConfigError, load_config
+from sft_fixture import make_sft_setup, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(REPO / "engine" / "train.py")]
@@ -131,7 +131,7 @@ def test_overfits_a_handful_and_checkpoint_loads_in_transformers(tmp_path):
 
     from transformers import Qwen2ForCausalLM as HF
 
-    from engine.model import Qwen2ForCausalLM
+    from protege.engine.model import Qwen2ForCausalLM
     saved = next((tmp_path / "run" / "checkpoints").glob("step_*")) / "model"
     assert (saved / "tokenizer.json").is_file()
     ours = Qwen2ForCausalLM.from_pretrained(saved)
@@ -144,7 +144,7 @@ def test_overfits_a_handful_and_checkpoint_loads_in_transformers(tmp_path):
 
 
 def test_resumed_metrics_drop_redone_steps_and_a_torn_line(tmp_path):
-    from engine.training.metrics import MetricsLog
+    from protege.engine.training.metrics import MetricsLog
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
     log = MetricsLog(path, resume_step=2)  # resumed from the step-2 checkpoint: steps 3-4 will be redone

@@ -10,14 +10,14 @@ import pytest
 import tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from engine.chat import QWEN25_CHAT_TEMPLATE, parse_tool_calls
-from engine.tokenizer import qwen25_tokenizer
-from rollout.agent import tools
-from rollout.agent.loop import run_agent
-from rollout.agent.oracle import OracleExpert
-from rollout.agent.policies import ScriptedPolicy, Step, gold_patch_steps
-from rollout.tasks import bundled_tasks
-from rollout.agent.trajectory import (SCHEMA_VERSION, Message, Trajectory, TrajectoryWriter, load_trajectories,
+from protege.engine.chat import QWEN25_CHAT_TEMPLATE, parse_tool_calls
+from protege.engine.tokenizer import qwen25_tokenizer
+from protege.rollout.agent import tools
+from protege.rollout.agent.loop import run_agent
+from protege.rollout.agent.oracle import OracleExpert
+from protege.rollout.agent.policies import ScriptedPolicy, Step, gold_patch_steps
+from protege.rollout.tasks import bundled_tasks
+from protege.rollout.agent.trajectory import (SCHEMA_VERSION, Message, Trajectory, TrajectoryWriter, load_trajectories,
                                 save_trajectories)
 
 REFERENCE_TEMPLATE = Path("/work/shared/reference/qwen2.5-chat-template.jinja")
@@ -31,7 +31,7 @@ def tok():
 @pytest.fixture(scope="module")
 def traj(tok, sandbox_ready):
     """A real trajectory: the gold script plus a malformed turn, run in the sandbox."""
-    from rollout.envs.sandbox import SandboxEnvironment
+    from protege.rollout.envs.sandbox import SandboxEnvironment
     task = next(t for t in bundled_tasks() if t.instance_id.endswith("roman-1"))
     steps = gold_patch_steps(task, "python3 -m pytest -q -p no:cacheprovider")
     steps.insert(1, Step(raw="Let me think. «Zurück» 😀 <tool_call>\n{not json}\n</tool_call>"))
@@ -109,15 +109,15 @@ def test_easy_views_for_rewards_and_training(traj):
     assert traj.policy_tokens == sum(traj.loss_mask()) and traj.total_tokens == len(traj.input_ids())
     assert traj.gold_patch and "roman" in traj.final_patch
     assert all(a.normalized for a in traj.actions)
-    import rewards
+    from protege.rewards.shaping import Action, RewardConfig, score
     assert traj.resolved is None   # run_agent does not evaluate: scoring it as unresolved would be a lie
     with pytest.raises(ValueError, match="not evaluated"):
         traj.reward_input()
     traj = replace(traj, resolved=False)
     reward_input = traj.reward_input()
-    assert isinstance(reward_input.actions[0], rewards.Action) and reward_input.resolved is False
+    assert isinstance(reward_input.actions[0], Action) and reward_input.resolved is False
     assert [a.tool for a in reward_input.actions] == [a.tool for a in traj.actions]
-    breakdown = rewards.score(reward_input, rewards.RewardConfig())
+    breakdown = score(reward_input, RewardConfig())
     assert breakdown.expert_calls == 1 and breakdown.R_loop == 0.0
 
 

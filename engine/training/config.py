@@ -210,7 +210,7 @@ def _validate(cfg: TrainConfig):
         raise ConfigError("config: model.path is required (a Hugging Face Qwen2 checkpoint directory)")
     elif not cfg.data.train_files:
         raise ConfigError("config: data.train_files is empty (JSONL files of trajectories or chat messages)")
-    from engine.checkpoint import parse_size  # checked now, not at the first checkpoint hours later
+    from protege.engine.checkpoint import parse_size  # checked now, not at the first checkpoint hours later
     try:
         parse_size(cfg.checkpoint.max_shard_size)
     except ValueError as e:
@@ -231,8 +231,8 @@ def _validate_rl(rl: RLSection) -> None:
 
 def curriculum(rl: RLSection):
     """rl.stages ("first-last" step ranges of Stage I, Stage II) as a rewards.Curriculum."""
-    from rewards.curriculum import STAGE_I_OVERRIDES, STAGE_II_OVERRIDES, Curriculum, Stage
-    from rewards.shaping import RewardConfig
+    from protege.rewards.curriculum import STAGE_I_OVERRIDES, STAGE_II_OVERRIDES, Curriculum, Stage
+    from protege.rewards.shaping import RewardConfig
 
     if len(rl.stages) != 2:
         raise ConfigError(f"config: rl.stages must name the two stages' step ranges, e.g. [\"1-80\", \"81-160\"]; "

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from engine.chat import render
-from engine.training.packing import pack
-from engine.tokenizer import Tokenizer
-from rollout.agent.trajectory import Trajectory
+from protege.engine.chat import render
+from protege.engine.training.packing import pack
+from protege.engine.tokenizer import Tokenizer
+from protege.rollout.agent.trajectory import Trajectory
 
 
 class DataError(ValueError):

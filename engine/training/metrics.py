@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
+from protege.engine.config import ModelConfig
+from protege.engine.optional import pyplot
 
 
 def matmul_params(config: ModelConfig) -> int:
@@ -64,10 +65,11 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-def plot_loss(records: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_loss(records: list[dict], out: Path) -> Path | None:
+    """The loss curve as a PNG at `out`; None (with a note) without matplotlib."""
+    plt = pyplot("the loss plot")
+    if plt is None:
+        return None
 
     steps = [r["step"] for r in records if "loss" in r]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -80,3 +82,4 @@ def plot_loss(records: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+    return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import _C
+from protege.engine import _C
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
-from engine.training.config import ConfigError
-from engine.training.runtime import Runtime
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.training.config import ConfigError
+from protege.engine.training.runtime import Runtime
 
 
 def apply_activation_checkpointing(model: Qwen2ForCausalLM) -> None:

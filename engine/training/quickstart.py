@@ -1,6 +1,6 @@
 """The built-in default job: both phases end to end on a CPU in minutes.
 
-    python -m engine.training.quickstart [--out runs/quickstart]
+    python -m protege.engine.training.quickstart [--out runs/quickstart]
 
 1. trains a small byte-level BPE tokenizer on the bundled tasks' text (offline, milliseconds);
 2. collects expert-augmented SFT trajectories: the scripted policy replays each gold fix, asks the offline
@@ -18,20 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from engine.tokenizer import train_bpe_tokenizer
-from engine.training.config import load_config
-from engine.training.rl import run_grpo
-from engine.training.runtime import init_runtime
-from engine.training.sft import run_sft
-from engine.training.tiny import make_tiny_base, tokenizer_corpus
+from protege.engine.tokenizer import train_bpe_tokenizer
+from protege.engine.training.config import load_config
+from protege.engine.training.rl import run_grpo
+from protege.engine.training.runtime import init_runtime
+from protege.engine.training.sft import run_sft
+from protege.engine.training.tiny import make_tiny_base, tokenizer_corpus
 
 
 MARKER = ".protege-quickstart"   # in --out: this directory is the quickstart's own, safe to replace
 
 
 def collect(out: Path, tokenizer_dir: Path, policy: list[str]) -> dict:
-    from rollout.collect import main as collect_main
-    from rollout.tasks import BUNDLED_JSONL
+    from protege.rollout.collect import main as collect_main
+    from protege.rollout.tasks import BUNDLED_JSONL
     argv = ["--tasks", str(BUNDLED_JSONL), "--expert", "oracle", "--backend", "sandbox", "--out", str(out),
             "--tokenizer", str(tokenizer_dir / "tokenizer.json"), *policy]
     if collect_main(argv) != 0:
@@ -51,12 +51,13 @@ def sampler_policy(checkpoint: Path, *extra: str) -> list[str]:
 def held_out(out: Path, checkpoint: Path) -> dict:
     """Sampled (temperature 1) on every bundled task with seeds no training step used: resolve rate, mean
     Stage I reward, loop rate, steps."""
-    import rewards
-    from rollout.agent.trajectory import load_trajectories
+    from protege.rewards.curriculum import Curriculum
+    from protege.rewards.shaping import score
+    from protege.rollout.agent.trajectory import load_trajectories
     summary = collect(out, checkpoint, sampler_policy(checkpoint, "--attempts", str(EVAL_ATTEMPTS),
                                                       "--seed", str(EVAL_SEED)))
-    stage_one = rewards.Curriculum.default().stage_at(1).reward
-    scores = [rewards.score(t.reward_input(), stage_one).R_total for t in load_trajectories(out / "trajectories.jsonl")]
+    stage_one = Curriculum.default().stage_at(1).reward
+    scores = [score(t.reward_input(), stage_one).R_total for t in load_trajectories(out / "trajectories.jsonl")]
     return {"resolve_rate": summary["resolve_rate"], "reward": sum(scores) / len(scores),
             "loop_rate": summary["loop_rate"], "steps": summary["steps_mean"]}
 
@@ -65,7 +66,7 @@ EVAL_SEED, EVAL_ATTEMPTS = 10_007, 1   # held-out: GRPO samples with seeds deriv
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.training.quickstart", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m protege.engine.training.quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=40, help="SFT optimizer steps (short: leave GRPO room to learn)")
     p.add_argument("--rl-steps", type=int, default=3, help="GRPO steps after SFT (0: phase 1 only)")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)   # a previous quickstart's output (checked above)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("written by python -m engine.training.quickstart; it replaces this directory\n")
+    (out / MARKER).write_text("written by python -m protege.engine.training.quickstart; it replaces this directory\n")
     base = out / "base-model"
     started = time.perf_counter()
 

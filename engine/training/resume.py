@@ -22,9 +22,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from engine.checkpoint import save_state_dict
-from engine.training.config import ConfigError
-from engine.training.runtime import Runtime, barrier
+from protege.engine.checkpoint import save_state_dict
+from protege.engine.training.config import ConfigError
+from protege.engine.training.runtime import Runtime, barrier
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 

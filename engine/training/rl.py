@@ -23,31 +23,33 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import kernels
-import rewards
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
-from engine.tokenizer import Tokenizer
-from engine.training.config import ConfigError, TrainConfig, curriculum, save_config
-from engine.training.data import GlobalBatches
-from engine.training.grpo import group_advantages, policy_loss
-from engine.training.metrics import MetricsLog
-from engine.training.packing import pack
-from engine.training.parallelize import RolloutMode, build_training_model, training_dtypes
-from engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
-from engine.training.runtime import Runtime, all_reduce, barrier
-from engine.training.sft import lr_lambda
-from engine.training.tiny import make_tiny_base
-from rollout.agent.expert import failed_reply
-from rollout.agent.judge import JudgeScores
-from rollout.agent.loop import AgentConfig, Job, run_batch
-from rollout.agent.policies import SamplerPolicy, derive_seed
-from rollout.agent.trajectory import Trajectory
-from rollout.envs.base import open_environment
-from rollout.evaluate import evaluate_patch
-from rollout.sampler import Sampler, SamplingParams
-from rollout.sampler.server import SamplerServer
-from rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
+from protege.kernels import dispatch as kernels
+from protege.rewards.shaping import RewardBreakdown, score as shaped_score
+from protege.rewards.stats import aggregate
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.tokenizer import Tokenizer
+from protege.engine.training.config import ConfigError, TrainConfig, curriculum, save_config
+from protege.engine.training.data import GlobalBatches
+from protege.engine.training.grpo import group_advantages, policy_loss
+from protege.engine.optional import pyplot
+from protege.engine.training.metrics import MetricsLog
+from protege.engine.training.packing import pack
+from protege.engine.training.parallelize import RolloutMode, build_training_model, training_dtypes
+from protege.engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
+from protege.engine.training.runtime import Runtime, all_reduce, barrier
+from protege.engine.training.sft import lr_lambda
+from protege.engine.training.tiny import make_tiny_base
+from protege.rollout.agent.expert import failed_reply
+from protege.rollout.agent.judge import JudgeScores
+from protege.rollout.agent.loop import AgentConfig, Job, run_batch
+from protege.rollout.agent.policies import SamplerPolicy, derive_seed
+from protege.rollout.agent.trajectory import Trajectory
+from protege.rollout.envs.base import open_environment
+from protege.rollout.evaluate import evaluate_patch
+from protege.rollout.sampler import Sampler, SamplingParams
+from protege.rollout.sampler.server import SamplerServer
+from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
 
 TRUNCATED = ("context", "max_steps", "time")   # terminations that cut a trajectory short
 
@@ -72,7 +74,7 @@ class Rollout:
     sample: int               # 0 .. group_size - 1
     seed: int
     trajectory: Trajectory
-    reward: dict              # rewards.RewardBreakdown.to_dict()
+    reward: dict              # RewardBreakdown.to_dict()
 
     def to_dict(self, step: int, weight_version: int, sampling: dict) -> dict:
         return {"step": step, "slot": self.slot, "sample": self.sample, "seed": self.seed,
@@ -149,6 +151,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                         expert_budget_usd=rl.expert_budget_usd, max_seconds=rl.max_seconds, judge=rl.expert != "none")
     params = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_tokens=rl.max_turn_tokens)
     summary = {}
+    plot = run_dir / "grpo.png" if (run_dir / "grpo.png").exists() else None   # a resumed run's, so far
     while step < t.steps:
         step_no = step + 1
         stage = stages.stage_at(step_no)
@@ -162,7 +165,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         stats_before = replace(sampler.stats)
 
         def score(slot: int, sample: int, seed: int, traj: Trajectory) -> Rollout:
-            breakdown = rewards.score(traj.reward_input(), stage.reward, stage.name)
+            breakdown = shaped_score(traj.reward_input(), stage.reward, stage.name)
             return Rollout(slot, sample, seed, traj, breakdown.to_dict())
 
         results: dict[tuple[int, int], Rollout] = dict(reused)
@@ -228,7 +231,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                           scheduler.get_last_lr()[0])
         if runtime.is_main:
             log.write(record)
-            plot_grpo(log.records(), run_dir / "grpo.png")
+            plot = plot_grpo(log.records(), run_dir / "grpo.png")
             print(f"step {step}/{t.steps} [{stage.name}] reward {record['reward_mean']:+.3f} "
                   f"resolved {record['resolve_rate']:.2f} loop {record['loop_rate']:.2f} "
                   f"loss {record['loss']:+.4f} ({record['step_seconds']:.0f} s)", flush=True)
@@ -241,7 +244,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     if runtime.is_main:
         final = latest_checkpoint(run_dir)
         summary = {**summary, "checkpoint": str(final / "model") if final else None,
-                   "metrics": str(run_dir / "metrics.jsonl"), "plot": str(run_dir / "grpo.png")}
+                   "metrics": str(run_dir / "metrics.jsonl"), "plot": str(plot) if plot else None}
         print(f"GRPO done\n  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
               f"  plots:      {summary['plot']}", flush=True)
     return summary
@@ -292,11 +295,11 @@ def _reference(cfg: TrainConfig, base: str, config: ModelConfig, dtype: torch.dt
 
 def _expert(rl):
     if rl.expert == "oracle":
-        from rollout.agent.oracle import OracleExpert
+        from protege.rollout.agent.oracle import OracleExpert
         return OracleExpert()
     if rl.expert == "anthropic":
-        from rollout.agent.client import AnthropicClient
-        from rollout.agent.expert import AnthropicExpert
+        from protege.rollout.agent.client import AnthropicClient
+        from protege.rollout.agent.expert import AnthropicExpert
         return AnthropicExpert(AnthropicClient(rl.expert_model))
     return NoExpert()
 
@@ -460,10 +463,10 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
     rows = [r for part in everyone for r in part]
     reused, zero_variance, masked, generated, cached, prompt, preempted = all_reduce(counters, "sum", runtime)
     peak_blocks, = all_reduce([stats.peak_blocks_in_use], "max", runtime)
-    breakdowns = [rewards.RewardBreakdown(**r["reward"]) for r in rows]
+    breakdowns = [RewardBreakdown(**r["reward"]) for r in rows]
     totals = [b.R_total for b in breakdowns]
     mean = sum(totals) / len(totals)
-    agg = rewards.aggregate(breakdowns, [r["expert_tokens"] for r in rows], [r["total_tokens"] for r in rows])
+    agg = aggregate(breakdowns, [r["expert_tokens"] for r in rows], [r["total_tokens"] for r in rows])
     record = {"step": step, "stage": stage, "trajectories": len(rows), "reward_mean": mean,
               "reward_std": (sum((x - mean) ** 2 for x in totals) / max(1, len(totals) - 1)) ** 0.5, **agg,
               "longest_streak": max((max(b.streaks, default=0) for b in breakdowns), default=0),
@@ -483,10 +486,11 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
 
 
 def plot_grpo(records: list[dict], out: Path) -> None:
-    """The curves the paper shows: reward and its terms, resolve rate, loop rate, expert use, steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The curves the paper shows: reward and its terms, resolve rate, loop rate, expert use, steps; a PNG at
+    `out`, or None (with a note) without matplotlib."""
+    plt = pyplot("the GRPO plots")
+    if plt is None:
+        return None
 
     steps = [r["step"] for r in records]
     panels = [("reward", ["reward_mean", "mean_R_loop", "mean_R_follow", "mean_R_correct", "mean_R_expert"]),
@@ -504,3 +508,4 @@ def plot_grpo(records: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+    return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.training.config import ConfigError
+from protege.engine.training.config import ConfigError
 
 
 @dataclass

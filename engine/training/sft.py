@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import kernels
-from engine.model import Qwen2ForCausalLM
-from engine.tokenizer import Tokenizer
-from engine.training.config import TrainConfig, save_config
-from engine.training.data import DataError, GlobalBatches, MicroBatch, Sample, SFTDataset, make_micro_batch, pack_micro_batches
-from engine.training.metrics import MetricsLog, peak_memory_bytes, plot_loss, training_flops
-from engine.training.parallelize import build_training_model, training_dtypes
-from engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
-from engine.training.runtime import Runtime, all_reduce
+from protege.kernels import dispatch as kernels
+from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.tokenizer import Tokenizer
+from protege.engine.training.config import TrainConfig, save_config
+from protege.engine.training.data import DataError, GlobalBatches, MicroBatch, Sample, SFTDataset, make_micro_batch, pack_micro_batches
+from protege.engine.training.metrics import MetricsLog, peak_memory_bytes, plot_loss, training_flops
+from protege.engine.training.parallelize import build_training_model, training_dtypes
+from protege.engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
+from protege.engine.training.runtime import Runtime, all_reduce
 
 
 
@@ -153,12 +153,12 @@ def run_sft(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     summary = {}
     if runtime.is_main:
         records = log.records()
-        plot_loss(records, run_dir / "loss.png")
+        plot = plot_loss(records, run_dir / "loss.png")
         final = latest_checkpoint(run_dir)
         summary = {"first_loss": records[0]["loss"] if records else first_loss,
                    "final_loss": records[-1]["loss"] if records else None,
                    "checkpoint": str(final / "model") if final else None,
-                   "metrics": str(run_dir / "metrics.jsonl"), "plot": str(run_dir / "loss.png"),
+                   "metrics": str(run_dir / "metrics.jsonl"), "plot": str(plot) if plot else None,
                    "data_counts": dict(dataset.counts)}
         print(f"SFT done: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}\n"
               f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"

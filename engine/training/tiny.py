@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
-from engine.model import Qwen2ForCausalLM
-from engine.tokenizer import Tokenizer, train_bpe_tokenizer
+from protege.engine.config import ModelConfig
+from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.tokenizer import Tokenizer, train_bpe_tokenizer
 
 
 def tokenizer_corpus() -> list[str]:
-    from rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
-    from rollout.agent.tools import TOOLS
-    from rollout.tasks import BUNDLED_DIR, UPSTREAM_DIR, bundled_tasks
+    from protege.rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
+    from protege.rollout.agent.tools import TOOLS
+    from protege.rollout.tasks import BUNDLED_DIR, UPSTREAM_DIR, bundled_tasks
     texts = [SYSTEM_PROMPT, TASK_PROMPT, json.dumps(TOOLS)]
     for task in bundled_tasks():
         texts += [task.problem_statement, task.patch, task.test_patch]

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._validate import INTERPRETING, check_float_tensor, check_like
+from protege.kernels._validate import INTERPRETING, check_float_tensor, check_like
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _BACKENDS = ("triton", "flash_attn", "xformers")
@@ -385,7 +385,7 @@ def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen=None, causal=True, s
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[2] ** -0.5
     backend = _selected_backend()
     if backend == "xformers" and q.is_cuda:
-        from kernels.ops.xformers_attention import xformers_varlen_attention
+        from protege.kernels.ops.xformers_attention import xformers_varlen_attention
         return xformers_varlen_attention(q, k, v, cu_seqlens, causal, scale)
     if backend == "flash_attn" and q.is_cuda:
         try:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INTERPRETING, check_float_tensor, check_like, rows
+from protege.kernels._validate import INTERPRETING, check_float_tensor, check_like, rows
 
 # BLOCK_N, BLOCK_K: one for every call (they fix each element's K order). BLOCK_M: one of BLOCK_MS per call.
 BLOCK_MS, BLOCK_N, BLOCK_K, GROUP_M = (16, 32, 64, 128), 128, 64, 8

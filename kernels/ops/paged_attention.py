@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INTERPRETING
+from protege.kernels._validate import INTERPRETING
 # The trainer's tiles, dot dtype and precision: the same choices give the same numbers.
-from kernels.ops.attention import _launch_config as training_launch_config
-from kernels.ops.attention import _tiles as training_tiles
+from protege.kernels.ops.attention import _launch_config as training_launch_config
+from protege.kernels.ops.attention import _tiles as training_tiles
 
 
 @triton.jit

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import check_float_tensor, check_like
-from kernels.reference import rope_inv_freq
+from protege.kernels._validate import check_float_tensor, check_like
+from protege.kernels.reference import rope_inv_freq
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import check_float_tensor, check_like, rows
+from protege.kernels._validate import check_float_tensor, check_like, rows
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import check_float_tensor, check_token_logprobs_inputs
+from protege.kernels._validate import check_float_tensor, check_token_logprobs_inputs
 
 # Triton tiles. V_SPLIT columns of the vocabulary per program in the forward: fixed (never derived from T)
 # so that a row's online-softmax order is the same in every call; small enough to fill the GPU at decode.

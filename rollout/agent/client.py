@@ -7,9 +7,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import anthropic
-
-from engine.chat import ToolCall
+from protege.engine.chat import ToolCall
+from protege.engine.optional import require
 
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 
@@ -48,12 +47,12 @@ class AnthropicClient:
     exponential backoff, or the server's retry-after when it sends one, on 408/429/5xx, timeouts and
     connection errors; other errors fail at once. Thread-safe (the SDK's HTTP client is)."""
 
-    RETRYABLE = (anthropic.RateLimitError, anthropic.InternalServerError, anthropic.RequestTimeoutError,
-                 anthropic.APIConnectionError)  # APITimeoutError is an APIConnectionError
-
     def __init__(self, model: str, base_url: str | None = None, prices: Prices = Prices(), max_retries: int = 4,
                  backoff_s: float = 1.0, max_backoff_s: float = 30.0, timeout_s: float = 120.0,
                  max_tokens: int = 2048):
+        self._sdk = anthropic = require("anthropic", "Claude as policy, expert or judge")
+        self._retryable = (anthropic.RateLimitError, anthropic.InternalServerError, anthropic.RequestTimeoutError,
+                           anthropic.APIConnectionError)  # APITimeoutError is an APIConnectionError
         self._key = os.environ.get(API_KEY_ENV, "")
         if not self._key:
             raise ValueError(f"the Anthropic expert/policy needs the {API_KEY_ENV} environment variable")
@@ -83,12 +82,12 @@ class AnthropicClient:
                 response = self._client.messages.create(model=self.model, system=system, messages=messages,
                                                         max_tokens=max_tokens or self.max_tokens, **extra)
                 break
-            except self.RETRYABLE as e:
+            except self._retryable as e:
                 if attempt == self.max_retries:
                     raise ExpertUnavailable(f"{self._describe(e)}; gave up after {attempt} retries", attempt) from None
                 time.sleep(self._delay(attempt, e))
                 attempt += 1
-            except anthropic.APIError as e:
+            except self._sdk.APIError as e:
                 raise ExpertUnavailable(self._describe(e), attempt) from None
         text = "".join(block.text for block in response.content if block.type == "text")
         calls = [ToolCall(block.name, dict(block.input)) for block in response.content if block.type == "tool_use"]

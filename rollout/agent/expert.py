@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rollout.agent.client import AnthropicClient, ExpertUnavailable
-from rollout.agent.judge import JUDGE_SYSTEM, JudgeCase, JudgeScores, parse_judge
-from rollout.agent.tools import truncate
+from protege.rollout.agent.client import AnthropicClient, ExpertUnavailable
+from protege.rollout.agent.judge import JUDGE_SYSTEM, JudgeCase, JudgeScores, parse_judge
+from protege.rollout.agent.tools import truncate
 
 GUIDANCE_OPEN, GUIDANCE_CLOSE = "<guidance>", "</guidance>"
 

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from engine.chat import Conversation, ToolCallParseError, parse_tool_calls
-from engine.tokenizer import Tokenizer
-from rollout.agent import tools
-from rollout.envs.base import Environment
-from rollout.agent.judge import JudgeCase
-from rollout.agent.policies import ContextFull
-from rollout.agent.trajectory import Action, ExpertCall, Message, Trajectory
+from protege.engine.chat import Conversation, ToolCallParseError, parse_tool_calls
+from protege.engine.tokenizer import Tokenizer
+from protege.rollout.agent import tools
+from protege.rollout.envs.base import Environment
+from protege.rollout.agent.judge import JudgeCase
+from protege.rollout.agent.policies import ContextFull
+from protege.rollout.agent.trajectory import Action, ExpertCall, Message, Trajectory
 
 SYSTEM_PROMPT = """You are an expert software engineer working in a code repository to resolve an issue. \
 Each turn, call exactly one tool. Explore the code, reproduce the problem, make a minimal fix to the \

@@ -1,9 +1,9 @@
 """The offline expert: hints derived from the task's gold patch, and a deterministic judge."""
 from __future__ import annotations
 
-from rewards.patches import hunks, patch_files
-from rollout.agent.expert import ExpertReply, failed_reply, wrap_guidance
-from rollout.agent.judge import JudgeCase, JudgeScores
+from protege.rewards.patches import hunks, patch_files
+from protege.rollout.agent.expert import ExpertReply, failed_reply, wrap_guidance
+from protege.rollout.agent.judge import JudgeCase, JudgeScores
 
 EDITS = ("create", "str_replace", "insert")
 

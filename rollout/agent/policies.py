@@ -13,12 +13,12 @@ import hashlib
 import threading
 from dataclasses import dataclass, replace
 
-from engine.chat import ToolCall, ToolCallParseError, format_assistant_body, parse_tool_calls
-from rollout.agent import tools
-from rewards.patches import hunks, patch_files
-from rollout.agent.client import AnthropicClient
-from rollout.sampler.sampling import SamplingParams
-from rollout.sampler.server import SamplerServer
+from protege.engine.chat import ToolCall, ToolCallParseError, format_assistant_body, parse_tool_calls
+from protege.rollout.agent import tools
+from protege.rewards.patches import hunks, patch_files
+from protege.rollout.agent.client import AnthropicClient
+from protege.rollout.sampler.sampling import SamplingParams
+from protege.rollout.sampler.server import SamplerServer
 
 
 @dataclass

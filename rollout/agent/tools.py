@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 
-from rollout.envs.base import Environment
+from protege.rollout.envs.base import Environment
 
 BASH, EDITOR, SUBMIT, ASK_EXPERT = "bash", "str_replace_editor", "submit", "ask_expert"
 EDITOR_COMMANDS = ("view", "create", "str_replace", "insert")

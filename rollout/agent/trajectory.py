@@ -11,7 +11,7 @@ import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import rewards
+from protege.rewards import shaping
 
 SCHEMA_VERSION = 1
 TERMINATIONS = ("submitted", "max_steps", "context", "eos", "time", "budget", "error")
@@ -35,8 +35,8 @@ class Message:
 
 
 @dataclass(kw_only=True)
-class Action(rewards.Action):
-    """tool, arguments, normalized (rewards.Action), and what the agent saw."""
+class Action(shaping.Action):
+    """tool, arguments, normalized (shaping.Action), and what the agent saw."""
     step: int                          # the agent turn (0-based) that produced it
     observation: str                   # what the agent was shown
     exit_code: int | None = None       # bash only
@@ -49,8 +49,8 @@ class Action(rewards.Action):
 
 
 @dataclass(kw_only=True)
-class ExpertCall(rewards.ExpertCall):
-    """action_index, warranted, followed, refused (rewards.ExpertCall), and the call's record."""
+class ExpertCall(shaping.ExpertCall):
+    """action_index, warranted, followed, refused (shaping.ExpertCall), and the call's record."""
     step: int
     question: str
     answer: str | None                 # the guidance; None when the call failed or was refused
@@ -109,13 +109,13 @@ class Trajectory:
     def expert_cost_usd(self) -> float:
         return sum(c.cost_usd for c in self.expert_calls)
 
-    def reward_input(self) -> rewards.RewardInput:
-        """The view rewards.score takes; refused while the final patch is not evaluated (resolved is None)."""
+    def reward_input(self) -> shaping.RewardInput:
+        """The view shaping.score takes; refused while the final patch is not evaluated (resolved is None)."""
         if self.resolved is None:
             raise ValueError(f"trajectory {self.task_id}#{self.attempt} is not evaluated (resolved is None): "
                              f"evaluate its final patch before scoring it")
-        return rewards.RewardInput(actions=list(self.actions), expert_calls=list(self.expert_calls),
-                                   resolved=self.resolved, patch=self.final_patch, gold_patch=self.gold_patch)
+        return shaping.RewardInput(actions=list(self.actions), expert_calls=list(self.expert_calls),
+                                           resolved=self.resolved, patch=self.final_patch, gold_patch=self.gold_patch)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -134,9 +134,9 @@ def git_diff(run, task) -> str:
 def open_environment(task, backend: str = "docker", **options) -> Environment:
     """A fresh environment for a task (rollout.tasks.Task): backend "docker" or "sandbox" (bubblewrap)."""
     if backend == "docker":
-        from rollout.envs.docker import DockerEnvironment
+        from protege.rollout.envs.docker import DockerEnvironment
         return DockerEnvironment(task, **options)
     if backend == "sandbox":
-        from rollout.envs.sandbox import SandboxEnvironment
+        from protege.rollout.envs.sandbox import SandboxEnvironment
         return SandboxEnvironment(task, **options)
     raise ValueError(f"unknown environment backend {backend!r} (docker, sandbox)")

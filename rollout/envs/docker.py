@@ -12,12 +12,14 @@ import posixpath
 import shlex
 import tarfile
 import threading
+from typing import TYPE_CHECKING
 
-import docker
-import docker.errors
+from protege.rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
+from protege.rollout.tasks import Task
+from protege.engine.optional import require
 
-from rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
-from rollout.tasks import Task
+if TYPE_CHECKING:
+    import docker
 
 LABEL = "protege.env"  # value: the pid of the process that owns the container
 # PID 1: a shell that reaps orphans and survives `kill -9 -1` (which spares init), so a timeout can clear
@@ -40,7 +42,8 @@ class DockerEnvironment:
         self.timeout = timeout
         self.output_cap = output_cap
         self._own_client = client is None
-        self.client = client or docker.from_env()
+        self._docker = require("docker", "the Docker environment backend")
+        self.client = client or self._docker.from_env()
         self.container = None
         with _start_slots:  # container starts are the expensive, daemon-serialised part
             container = self.client.containers.create(
@@ -134,7 +137,7 @@ class DockerEnvironment:
             return
         try:
             container.remove(force=True)  # SIGKILL and remove: no stop grace period
-        except docker.errors.NotFound:
+        except self._docker.errors.NotFound:
             pass
         finally:
             with _live_lock:

@@ -17,12 +17,19 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from typing import TYPE_CHECKING
 
-import docker
-import docker.errors
+from protege.rollout.envs import pyenv
+from protege.rollout.tasks import EnvSpec, Task, materialize_repo
+from protege.engine.optional import require
 
-from rollout.envs import pyenv
-from rollout.tasks import EnvSpec, Task, materialize_repo
+if TYPE_CHECKING:
+    import docker
+
+
+def _docker():
+    """The Docker SDK, imported on use (the agent extra)."""
+    return require("docker", "building task images")
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "python3-pytest", "git", "patch")
@@ -52,7 +59,7 @@ def _exists(client: docker.DockerClient, name: str) -> bool:
     try:
         client.images.get(name)
         return True
-    except docker.errors.ImageNotFound:
+    except _docker().errors.ImageNotFound:
         return False
 
 
@@ -115,7 +122,7 @@ def _build(client: docker.DockerClient, tag: str, dockerfile: str, files: dict[s
     context.seek(0)
     try:
         client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True, labels=labels)
-    except docker.errors.BuildError as e:
+    except _docker().errors.BuildError as e:
         log = "".join(chunk.get("stream", "") or chunk.get("error", "") for chunk in e.build_log)
         raise RuntimeError(f"building {tag} failed: {e.msg}\n{log[-3000:]}") from None
 
@@ -162,7 +169,7 @@ def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, 
     try:
         if client.images.get(task.image).labels.get(BASE_LABEL) == env_id:
             return task.image
-    except docker.errors.ImageNotFound:
+    except _docker().errors.ImageNotFound:
         pass
     log(f"building {task.image}")
     lines = [f"FROM {env_image}", "COPY testbed /testbed", "WORKDIR /testbed", "ENV PYTHONDONTWRITEBYTECODE=1"]
@@ -178,6 +185,6 @@ def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, 
 def build_images(tasks: list[Task], base: str = "debootstrap", client: docker.DockerClient | None = None,
                  log=print) -> list[str]:
     """The base image and every task's image (existing ones are kept); returns the task image tags."""
-    client = client or docker.from_env()
+    client = client or _docker().from_env()
     base_image = ensure_base_image(client, base, log)
     return [ensure_task_image(client, task, base_image, log) for task in tasks]

@@ -18,7 +18,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from rollout.tasks import EnvSpec
+from protege.rollout.tasks import EnvSpec
 
 # Always fetched besides the declared packages: pip runs the install commands, setuptools and wheel build
 # the repository where its install step needs them (build isolation finds them in the wheelhouse).
@@ -125,7 +125,7 @@ def sandbox_venv(spec: EnvSpec, run_sandboxed, log=print) -> Path:
     """The cached virtual environment of `spec` for the sandbox, built unless present. run_sandboxed(binds,
     command, tool_paths) runs `command` under bubblewrap with `binds` ((host path, sandbox path, writable)); the
     environment is built at the path the sandbox mounts it on, so its scripts' #! lines hold there."""
-    from rollout.envs.sandbox import SANDBOX_ENV_DIR, SANDBOX_WHEELS_DIR
+    from protege.rollout.envs.sandbox import SANDBOX_ENV_DIR, SANDBOX_WHEELS_DIR
     target = cache_dir() / "venvs" / spec.key
     if (target / COMPLETE).is_file():
         return target

@@ -19,9 +19,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from rollout.envs.pyenv import EXCLUDE_INSTALL_LITTER
-from rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
-from rollout.tasks import Task, materialize_repo
+from protege.rollout.envs.pyenv import EXCLUDE_INSTALL_LITTER
+from protege.rollout.envs.base import DEFAULT_OUTPUT_CAP, DEFAULT_TIMEOUT, CommandResult, collect_output, git_diff
+from protege.rollout.tasks import Task, materialize_repo
 
 
 class SandboxUnavailable(RuntimeError):
@@ -97,7 +97,7 @@ def run_with_binds(binds: list[tuple[str, str, bool]], command: str, tool_paths:
 def prepare_environment(spec, log=lambda message: None) -> tuple[Path, Path]:
     """The (virtual environment, wheelhouse) of a declaration, built unless cached: a bad declaration fails
     here, before any work."""
-    from rollout.envs import pyenv
+    from protege.rollout.envs import pyenv
     return pyenv.sandbox_venv(spec, run_with_binds, log), pyenv.wheelhouse(spec, log)
 
 
@@ -129,7 +129,7 @@ class SandboxEnvironment:
                  env: dict[str, str] | None = None):
         """repos_dir: where git clones of non-bundled tasks' repositories live, as owner__name.
         env: the commands' environment variables (default SANDBOX_ENV and offline pip)."""
-        from rollout.envs import pyenv
+        from protege.rollout.envs import pyenv
         self.bwrap = _check_bwrap()
         self.task = task
         self.timeout = timeout

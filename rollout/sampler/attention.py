@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from rollout.sampler.kv_cache import KVCache
+from protege.kernels import dispatch as kernels
+from protege.rollout.sampler.kv_cache import KVCache
 
 
 @dataclass

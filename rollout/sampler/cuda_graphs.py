@@ -20,8 +20,8 @@ from collections import Counter
 
 import torch
 
-from rollout.sampler.attention import AttentionMetadata, PagedAttention
-from rollout.sampler.kv_cache import KVCache
+from protege.rollout.sampler.attention import AttentionMetadata, PagedAttention
+from protege.rollout.sampler.kv_cache import KVCache
 
 
 def graph_buckets(batch_sizes, max_query_len: int) -> list[tuple[int, int]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
+from protege.engine.config import ModelConfig
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from rollout.sampler.attention import AttentionMetadata, PagedAttention
-from rollout.sampler.cuda_graphs import StepGraphs
-from rollout.sampler.kv_cache import KVCache
-from rollout.sampler.scheduler import Schedule
-from rollout.sampler.staging import Staging
+from protege.kernels import dispatch as kernels
+from protege.rollout.sampler.attention import AttentionMetadata, PagedAttention
+from protege.rollout.sampler.cuda_graphs import StepGraphs
+from protege.rollout.sampler.kv_cache import KVCache
+from protege.rollout.sampler.scheduler import Schedule
+from protege.rollout.sampler.staging import Staging
 
 
 @dataclass

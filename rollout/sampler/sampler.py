@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
-import kernels
-from engine import _C
-from rollout.sampler.kv_cache import KVCache, bytes_per_block
-from rollout.sampler.model_runner import ModelRunner
-from rollout.sampler.sampling import TOP_P_CANDIDATES, SamplingParams, row_seed, sample_tokens
-from rollout.sampler.scheduler import Scheduler
-from rollout.sampler.sequence import Completion, RequestOutput, Sequence, Status
+from protege.kernels import dispatch as kernels
+from protege.engine import _C
+from protege.rollout.sampler.kv_cache import KVCache, bytes_per_block
+from protege.rollout.sampler.model_runner import ModelRunner
+from protege.rollout.sampler.sampling import TOP_P_CANDIDATES, SamplingParams, row_seed, sample_tokens
+from protege.rollout.sampler.scheduler import Scheduler
+from protege.rollout.sampler.sequence import Completion, RequestOutput, Sequence, Status
 
 
 @dataclass

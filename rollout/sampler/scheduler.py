@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from rollout.sampler.sequence import Sequence, Status
+from protege.rollout.sampler.sequence import Sequence, Status
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from rollout.sampler.sampling import SamplingParams
+from protege.rollout.sampler.sampling import SamplingParams
 
 
 class Status(enum.Enum):

@@ -6,8 +6,8 @@ from concurrent.futures import Future
 
 import torch
 
-from rollout.sampler.sampling import SamplingParams
-from rollout.sampler.sequence import Completion
+from protege.rollout.sampler.sampling import SamplingParams
+from protege.rollout.sampler.sequence import Completion
 
 
 class SamplerServer:

@@ -8,7 +8,7 @@ Without a GPU it says so and runs each op once at tiny shapes in the Triton inte
 (a correctness smoke check, fp32); it exits 0 unless an op errs or mismatches. An op whose module is not
 written yet is reported as missing.
 
-    python benchmarks/kernels.py [--tokens 8192] [--ops rms_norm swiglu ...]
+    python benchmarks/kernel_timings.py [--tokens 8192] [--ops rms_norm swiglu ...]
 """
 from __future__ import annotations
 
@@ -25,14 +25,10 @@ from typing import Callable
 
 import torch
 
-# Run as a script, this folder comes first on sys.path and benchmarks/kernels.py would shadow the engine's
-# `kernels` package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 if not torch.cuda.is_available():  # the interpreter must be on before any @triton.jit is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import reference  # noqa: E402
+from protege.kernels import reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Datasheet peaks (dense bf16, HBM), by a substring of torch.cuda.get_device_name(); most specific first.
@@ -135,7 +131,7 @@ OPS = [
 
 def load_triton(op: Op):
     """The Triton function from kernels/ops/<module>.py or kernels/<module>.py, or None if not there (yet)."""
-    for name in (f"kernels.ops.{op.module}", f"kernels.{op.module}"):
+    for name in (f"protege.kernels.ops.{op.module}", f"protege.kernels.{op.module}"):
         try:
             return getattr(importlib.import_module(name), op.triton_fn, None)
         except ModuleNotFoundError as e:
@@ -167,7 +163,7 @@ def third_party(op: Op) -> dict:
         except ImportError:
             pass
         try:
-            from kernels.ops.xformers_attention import xformers_varlen_attention
+            from protege.kernels.ops.xformers_attention import xformers_varlen_attention
             import xformers  # noqa: F401
             found["xformers"] = lambda q, k, v, cu, max_len: xformers_varlen_attention(q, k, v, cu)
         except ImportError:

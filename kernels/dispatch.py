@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from kernels import reference
+from protege.kernels import reference
 
 _BACKENDS = ("triton", "torch")
 
@@ -37,7 +37,7 @@ def on_device(t):
 
 def rms_norm(x, weight, eps):
     if use_triton(x):
-        from kernels.ops.rms_norm import rms_norm_triton
+        from protege.kernels.ops.rms_norm import rms_norm_triton
         with on_device(x):
             return rms_norm_triton(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
@@ -46,7 +46,7 @@ def rms_norm(x, weight, eps):
 def add_rms_norm(x, residual, weight, eps):
     """-> (rms_norm(x + residual), x + residual)"""
     if use_triton(x):
-        from kernels.ops.rms_norm import add_rms_norm_triton
+        from protege.kernels.ops.rms_norm import add_rms_norm_triton
         with on_device(x):
             return add_rms_norm_triton(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
@@ -54,7 +54,7 @@ def add_rms_norm(x, residual, weight, eps):
 
 def apply_rope(q, k, positions, theta):
     if use_triton(q):
-        from kernels.ops.rope import apply_rope_triton
+        from protege.kernels.ops.rope import apply_rope_triton
         with on_device(q):
             return apply_rope_triton(q, k, positions, theta)
     return reference.apply_rope(q, k, positions, theta)
@@ -62,7 +62,7 @@ def apply_rope(q, k, positions, theta):
 
 def swiglu(gate, up):
     if use_triton(gate):
-        from kernels.ops.swiglu import swiglu_triton
+        from protege.kernels.ops.swiglu import swiglu_triton
         with on_device(gate):
             return swiglu_triton(gate, up)
     return reference.swiglu(gate, up)
@@ -70,7 +70,7 @@ def swiglu(gate, up):
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, check_ids=True):
     if use_triton(hidden):
-        from kernels.ops.token_logprobs import token_logprobs_triton
+        from protege.kernels.ops.token_logprobs import token_logprobs_triton
         with on_device(hidden):
             return token_logprobs_triton(hidden, weight, targets, temperature, return_entropy, check_ids)
     return reference.token_logprobs_chunked(hidden, weight, targets, temperature, return_entropy, check_ids)
@@ -79,7 +79,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
 def head_logits(hidden, weight, temperature=1.0):
     """fp32 logits / temperature of every row, exactly as token_logprobs computes them."""
     if use_triton(hidden):
-        from kernels.ops.token_logprobs import head_logits_triton
+        from protege.kernels.ops.token_logprobs import head_logits_triton
         with on_device(hidden):
             return head_logits_triton(hidden, weight, temperature)
     return reference.head_logits_chunked(hidden, weight, temperature)
@@ -89,7 +89,7 @@ def logprobs_from_logits(z, targets):
     """log p(targets) from head_logits' z: bit for bit what token_logprobs reports for the same rows (the
     sampler's draw and its log-prob from one pass over the LM head). Targets must be in range (unchecked)."""
     if use_triton(z):
-        from kernels.ops.token_logprobs import logprobs_from_logits_triton
+        from protege.kernels.ops.token_logprobs import logprobs_from_logits_triton
         with on_device(z):
             return logprobs_from_logits_triton(z, targets)
     return reference.logprobs_from_logits_chunked(z, targets)
@@ -98,7 +98,7 @@ def logprobs_from_logits(z, targets):
 def philox_uniforms(seeds, counters):
     """A uniform fp64 number in [0, 1) per row, a function of (seeds[i], counters[i]) only (Philox4x32-10)."""
     if use_triton(seeds):
-        from kernels.ops.philox import philox_uniforms_triton
+        from protege.kernels.ops.philox import philox_uniforms_triton
         with on_device(seeds):
             return philox_uniforms_triton(seeds, counters)
     return reference.philox_uniforms(seeds, counters)
@@ -106,7 +106,7 @@ def philox_uniforms(seeds, counters):
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_scale=None):
     if use_triton(q):
-        from kernels.ops.attention import varlen_attention_triton
+        from protege.kernels.ops.attention import varlen_attention_triton
         with on_device(q):
             return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
@@ -115,7 +115,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, causal=True, softmax_
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     """k/v [T, Hkv, D] into the paged KV caches [num_blocks, block_size, Hkv, D] at slot_mapping (-1: skip)."""
     if use_triton(k):
-        from kernels.ops.paged_attention import write_kv_cache_triton
+        from protege.kernels.ops.paged_attention import write_kv_cache_triton
         with on_device(k):
             return write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
     return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
@@ -127,7 +127,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
     match_training: Triton tiles as the training attention's (bit-identical rows), else faster decode tiles
     with split-KV (rows still independent of the batch, not the trainer's bits)."""
     if use_triton(q):
-        from kernels.ops.paged_attention import paged_attention_triton
+        from protege.kernels.ops.paged_attention import paged_attention_triton
         with on_device(q):
             return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                       max_query_len, softmax_scale, match_training)
@@ -138,7 +138,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
 def linear(x, weight, bias=None):
     """Batch-invariant matmul on the Triton path (a row's result never depends on the other rows)."""
     if use_triton(x):
-        from kernels.ops.linear import linear_triton
+        from protege.kernels.ops.linear import linear_triton
         with on_device(x):
             return linear_triton(x, weight, bias)
     return reference.linear(x, weight, bias)
