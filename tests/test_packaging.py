@@ -3,10 +3,12 @@ Hugging Face's `kernels` (which transformers imports at start-up) stays theirs h
 the training side imports and runs without the agent's dependencies, and a feature that needs one says which."""
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,34 @@ def test_training_side_imports_and_runs_without_the_agent_packages(tmp_path):
     proc, _ = probed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], REPO,
                      tmp_path / "probe_run", block=AGENT_PACKAGES, timeout=600)
     assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_offline_wheel_builds_without_pybind11_and_maps_every_folder(tmp_path):
+    """What a GPU machine without an index and without pybind11 does (pip --no-index --no-build-isolation): the
+    build takes pybind11's headers from torch, and the wheel holds protege/<folder>/... only, the extension
+    included, which loads from the wheel's files."""
+    source = tmp_path / "src"
+    for name in ("csrc", "engine", "kernels", "rollout", "rewards"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(REPO / name, source / name)
+    proc, _ = probed([sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-build-isolation", "--no-deps",
+                      "-w", str(tmp_path / "dist"), str(source)], tmp_path, tmp_path / "probe", block=("pybind11",),
+                     timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [wheel] = (tmp_path / "dist").glob("protege_engine-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "unpacked")
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"protege"}, tops
+    for path in ("protege/kernels/dispatch.py", "protege/engine/model.py", "protege/rollout/sampler/sampler.py",
+                 "protege/rewards/shaping.py", "protege/engine/training/rl.py"):
+        assert path in names, path
+    # -S: no site-packages, so nothing but the unpacked wheel can provide protege (the extension needs no torch).
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import protege.engine._C as c; "
+            "print(c.__file__)")
+    loaded = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path / "unpacked")], capture_output=True,
+                            text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert Path(loaded.stdout.strip()).is_relative_to(tmp_path / "unpacked")
