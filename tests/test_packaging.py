@@ -141,3 +141,13 @@ def test_offline_wheel_builds_without_pybind11_and_maps_every_folder(tmp_path):
                             text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert Path(loaded.stdout.strip()).is_relative_to(tmp_path / "unpacked")
+
+
+def test_a_missing_matplotlib_skips_the_plot_with_a_note(tmp_path):
+    code = ("import sys; from pathlib import Path; from protege.engine.training.metrics import plot_loss; "
+            "print(plot_loss([{'step': 1, 'loss': 2.0}], Path(sys.argv[1])))")
+    proc, _ = probed([sys.executable, "-c", code, str(tmp_path / "loss.png")], tmp_path, tmp_path / "probe",
+                     block=("matplotlib",))
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr
+    assert "skipped the loss plot" in proc.stderr and "protege-engine[plots]" in proc.stderr
+    assert not (tmp_path / "loss.png").exists()
