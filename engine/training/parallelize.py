@@ -111,7 +111,9 @@ class RolloutMode:
 
     enter(): every FSDP2 group (the layers and the root) is all-gathered once, in the compute dtype, and kept
     unsharded: the sampler then runs on the very parameters FSDP gathered, with no per-forward all-gather
-    and no copy. leave(): the sampler's KV pool and graphs are freed, the groups resharded (training's
+    and no copy, and calls the layers' plain forwards (Qwen2ForCausalLM.forward(plain_layers=True)): no FSDP2
+    hook and no activation-checkpoint wrapper runs in a sampler step, so training's hooks and wrappers are
+    left as they are and nothing needs restoring for them. leave(): the sampler's KV pool and graphs are freed, the groups resharded (training's
     reshard-after-forward restored) and the model's weight version bumped, so nothing computed with these
     weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
     Use as `with rollout_mode: ...`; `last_switch` holds the last enter + leave cost."""
@@ -127,8 +129,9 @@ class RolloutMode:
             raise RuntimeError("RolloutMode.enter: already in rollout mode")
         started = time.perf_counter()
         if self.groups:
-            # FSDP2 takes the first module run as its root: the sampler runs the layers alone, so the root
-            # (model and loss) must be made the root before a rollout can come first.
+            # FSDP2 takes the first module run as its root, and its lazy init shares the communication
+            # context (streams) the groups' unshard() uses: the root (model and loss) is made the root now,
+            # since a rollout comes first and the sampler runs no FSDP hook.
             self.groups[0]._get_fsdp_state()._lazy_init()
         for group in self.groups:
             group.set_reshard_after_forward(False, recurse=False)
