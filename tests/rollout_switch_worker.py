@@ -1,7 +1,7 @@
 """One rank of tests/test_rollout_mode.py's phase-switch checks, run under torchrun (2 ranks, gloo, CPU): the
 policy trained as in a GRPO run (fp32 masters, bf16 compute, activation checkpointing) samples in rollout mode
 with no checkpoint call and no FSDP2 hook, then trains exactly as a model that never switched. Writes what it
-saw to OUT/rank_R.json."""
+saw to OUT/rank_R.json. Then the frozen reference model's forward, after which nothing of it stays gathered."""
 import json
 import os
 import sys
@@ -14,7 +14,9 @@ from torch.distributed.tensor import DTensor
 
 import protege.engine.training.parallelize as parallelize
 from protege.engine.model import Qwen2ForCausalLM
-from protege.engine.training.parallelize import RolloutMode, build_training_model
+from protege.engine.training.config import TrainConfig
+from protege.engine.training.parallelize import RolloutMode, build_training_model, gathered_bytes
+from protege.engine.training.rl import _reference
 from protege.engine.training.runtime import init_runtime
 from protege.engine.training.sft import TokenNLL
 from protege.rollout.sampler import Sampler, SamplingParams
@@ -86,6 +88,17 @@ def main(checkpoint: str, out: str) -> None:
         trained = loss_and_grads(root)
         report["same_training"].append(same(trained, unswitched))
         report["training_calls_after"] = trained[2]
+
+    # The frozen reference of a GRPO run (kl_coef > 0): nothing of it stays gathered after a forward.
+    ids, cu, targets, _ = train_batch()
+    rows = torch.arange(len(ids))
+    reference = _reference(TrainConfig(), checkpoint, model.config, torch.bfloat16, runtime)
+    with torch.no_grad():
+        first = reference(ids, cu, rows, targets)[0]
+        report["reference_gathered"] = gathered_bytes(reference)
+        report["reference_repeat_equal"] = torch.equal(first, reference(ids, cu, rows, targets)[0])
+        root(ids, cu, targets, torch.ones(len(ids)))
+        report["policy_gathered"] = gathered_bytes(root)   # training keeps the root and last layer gathered
     Path(out, f"rank_{runtime.rank}.json").write_text(json.dumps(report))
 
 

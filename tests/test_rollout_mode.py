@@ -110,6 +110,12 @@ def test_training_after_rollout_mode_is_unchanged(switch_report):
         assert report["training_calls_after"] == report["training_calls"]
 
 
+def test_reference_model_holds_nothing_gathered_after_its_forward(switch_report):
+    for report in switch_report:
+        assert report["policy_gathered"] > 0   # the measure sees what training keeps (root, last layer)...
+        assert report["reference_gathered"] == 0 and report["reference_repeat_equal"]   # ...the reference: none
+
+
 def test_rollout_mode_without_fsdp_bumps_the_version_and_frees_the_pool():
     model = tiny_model()
     sampler = Sampler(model, num_blocks=32, block_size=4)

@@ -53,6 +53,25 @@ def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dt
     setattr(root, RESHARD_ATTR, True)
 
 
+def reshard_after_every_forward(root: nn.Module) -> None:
+    """A frozen model (no backward): every FSDP2 group of `root` resharded after each forward of it. FSDP2
+    keeps the root's group gathered after a forward (and shard() the last layer's), for the backward that
+    follows in training; a model that never runs one would hold them through the whole update."""
+    groups = [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+    def reshard(module, args, output):
+        for group in groups:
+            group.reshard()
+    if groups:
+        root.register_forward_hook(reshard)   # after FSDP2's own post-forward hook (registered first)
+
+
+def gathered_bytes(root: nn.Module) -> int:
+    """Bytes of unsharded parameter storage the FSDP2 groups of `root` hold now."""
+    return sum(t.untyped_storage().nbytes() for m in root.modules() if isinstance(m, FSDPModule)
+               for fp in m._get_fsdp_state()._fsdp_param_group.fsdp_params for t in fp.all_gather_outputs)
+
+
 def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype: torch.dtype,
                  activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module],
                  offload: bool = False) -> tuple[Qwen2ForCausalLM, nn.Module]:

@@ -35,7 +35,8 @@ from protege.engine.training.grpo import group_advantages, policy_loss
 from protege.engine.optional import pyplot
 from protege.engine.training.metrics import MetricsLog
 from protege.engine.training.packing import pack
-from protege.engine.training.parallelize import RolloutMode, build_training_model, training_dtypes
+from protege.engine.training.parallelize import (RolloutMode, build_training_model, reshard_after_every_forward,
+                                                 training_dtypes)
 from protege.engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
 from protege.engine.training.runtime import Runtime, all_reduce, barrier
 from protege.engine.training.sft import lr_lambda
@@ -275,7 +276,8 @@ def _tiny_base(directory: Path, seed: int, runtime: Runtime) -> Path:
 
 
 def _reference(cfg: TrainConfig, base: str, config: ModelConfig, dtype: torch.dtype, runtime: Runtime):
-    """The frozen reference (the SFT checkpoint), in the compute dtype, sharded like the policy."""
+    """The frozen reference (the SFT checkpoint), in the compute dtype, sharded like the policy, and fully
+    resharded after each forward (it has no backward to gather for: nothing of it stays gathered)."""
     path = cfg.rl.reference or base
     try:
         ref_config = ModelConfig.from_json(path)
@@ -290,6 +292,7 @@ def _reference(cfg: TrainConfig, base: str, config: ModelConfig, dtype: torch.dt
     model.exact = cfg.model.exact
     for p in root.parameters():
         p.requires_grad_(False)
+    reshard_after_every_forward(root)
     return root
 
 
