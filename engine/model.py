@@ -202,6 +202,12 @@ class Qwen2ForCausalLM(nn.Module):
                         max_shard_size=max_shard_size)
 
 
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a model computes in on `device` by default: bf16 on CUDA (as trained and sampled in GRPO),
+    fp32 elsewhere (the CPU path)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def _positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """0, 1, ... restarting at each sequence start."""
     starts = cu_seqlens[:-1].long()

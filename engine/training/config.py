@@ -59,6 +59,10 @@ class CheckpointSection:
     every: int = 0                  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
     max_shard_size: str = "5GB"
+    # dtype of the weights in a checkpoint's model/ folder (the Hugging Face copy, for serving and evaluation).
+    # auto: the model's own, as its config.json states it (bfloat16 for Qwen2.5; the master dtype if it states
+    # none). The fp32 master weights stay in train_state/, which is what a resume reads: resumes stay exact.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -131,6 +135,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "checkpoint.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.long_policy": ("truncate", "drop"),
     "data.bad_line_policy": ("error", "skip"),
 }

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from protege.engine.config import ModelConfig
-from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.model import Qwen2ForCausalLM, compute_dtype as default_compute_dtype
 from protege.engine.training.config import ConfigError
 from protege.engine.training.runtime import Runtime
 
@@ -98,10 +98,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(master dtype, compute dtype) of model.dtype / model.compute_dtype ("auto": bf16 on CUDA, else fp32)."""
-    compute = model_cfg.compute_dtype
-    if compute == "auto":
-        compute = "bfloat16" if device.type == "cuda" else "float32"
-    return _DTYPES[model_cfg.dtype], _DTYPES[compute]
+    compute = _DTYPES[model_cfg.compute_dtype] if model_cfg.compute_dtype != "auto" else default_compute_dtype(device)
+    return _DTYPES[model_cfg.dtype], compute
 
 
 def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dtype, runtime: Runtime,

@@ -240,7 +240,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             state = {"task_position": position, "scheduler": scheduler.state_dict(), "stage": stage.name,
                      "phase": "grpo", "base_model": base}
             save_training_checkpoint(run_dir, step, state, root, model, optimizer, runtime,
-                                     cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
+                                     cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size, cfg.checkpoint.dtype)
         summary = record
     if runtime.is_main:
         final = latest_checkpoint(run_dir)
