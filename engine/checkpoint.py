@@ -118,7 +118,8 @@ def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.
 
     if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
         raise ValueError(f"save_state_dict: dtype={dtype} is not a checkpoint dtype ({', '.join(DTYPES)})")
-    dtype = dtype or next(iter(state.values())).dtype
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     shards: list[list[str]] = [[]]

@@ -143,9 +143,9 @@ _POSITIVE = ("data.max_seq_len", "train.steps", "train.global_batch_size", "trai
              "checkpoint.keep_last", "log.every", "rl.prompts_per_step", "rl.max_envs", "rl.max_steps",
              "rl.max_context_tokens", "rl.max_turn_tokens", "rl.max_seconds", "rl.command_timeout_s",
              "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction")
-_NON_NEGATIVE = ("process_group_timeout_s", "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "checkpoint.every",
-                 "log.peak_tflops", "rl.expert_quota", "rl.temperature", "rl.eps_low", "rl.eps_high",
-                 "rl.kl_coef", "rl.tis_cap")
+_NON_NEGATIVE = ("process_group_timeout_s", "train.lr", "train.warmup_steps", "train.weight_decay",
+                 "train.grad_clip", "checkpoint.every", "log.peak_tflops", "rl.expert_quota", "rl.temperature",
+                 "rl.eps_low", "rl.eps_high", "rl.kl_coef", "rl.tis_cap")
 
 # Hugging Face TrainingArguments names, so that a key written for HF gets our name as its suggestion.
 _ALIASES = {"learning_rate": "lr", "max_steps": "steps", "max_grad_norm": "grad_clip"}

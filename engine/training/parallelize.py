@@ -62,6 +62,7 @@ def reshard_after_every_forward(root: nn.Module) -> None:
     def reshard(module, args, output):
         for group in groups:
             group.reshard()
+
     if groups:
         root.register_forward_hook(reshard)   # after FSDP2's own post-forward hook (registered first)
 
@@ -98,8 +99,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(master dtype, compute dtype) of model.dtype / model.compute_dtype ("auto": bf16 on CUDA, else fp32)."""
-    compute = _DTYPES[model_cfg.compute_dtype] if model_cfg.compute_dtype != "auto" else default_compute_dtype(device)
-    return _DTYPES[model_cfg.dtype], compute
+    auto = model_cfg.compute_dtype == "auto"
+    return _DTYPES[model_cfg.dtype], default_compute_dtype(device) if auto else _DTYPES[model_cfg.compute_dtype]
 
 
 def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dtype, runtime: Runtime,
@@ -130,9 +131,9 @@ class RolloutMode:
     unsharded: the sampler then runs on the very parameters FSDP gathered, with no per-forward all-gather
     and no copy, and calls the layers' plain forwards (Qwen2ForCausalLM.forward(plain_layers=True)): no FSDP2
     hook and no activation-checkpoint wrapper runs in a sampler step, so training's hooks and wrappers are
-    left as they are and nothing needs restoring for them. leave(): the sampler's KV pool and graphs are freed, the groups resharded (training's
-    reshard-after-forward restored) and the model's weight version bumped, so nothing computed with these
-    weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
+    left as they are and nothing needs restoring for them. leave(): the sampler's KV pool and graphs are
+    freed, the groups resharded (training's reshard-after-forward restored) and the model's weight version
+    bumped, so nothing computed with these weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
     Use as `with rollout_mode: ...`; `last_switch` holds the last enter + leave cost."""
 
     def __init__(self, root: nn.Module, model: Qwen2ForCausalLM, sampler=None):
