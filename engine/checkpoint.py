@@ -12,6 +12,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from protege.engine.config import DTYPES
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -102,9 +104,11 @@ def load_checkpoint(model: nn.Module, directory: str | os.PathLike, dtype: torch
 
 
 def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.PathLike,
-                    source_dir: str | os.PathLike | None = None, max_shard_size: int | str = "5GB") -> None:
+                    source_dir: str | os.PathLike | None = None, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None) -> None:
     """Write a Hugging Face checkpoint: config.json (from the ModelConfig `config`), generation_config.json,
-    the weights of `state` (full tensors under Hugging Face names) and the tokenizer files of `source_dir`.
+    the weights of `state` (full tensors under Hugging Face names; cast to `dtype` a shard at a time when
+    given, and config.json says so) and the tokenizer files of `source_dir`.
     Every file is written under a temporary name and renamed into place, config.json last, so a crash never
     leaves a partial file under a final name."""
     directory = os.fspath(directory)
@@ -112,10 +116,16 @@ def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.
     _check_names_and_shapes(state, config)
     os.makedirs(directory, exist_ok=True)
 
+    if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"save_state_dict: dtype={dtype} is not a checkpoint dtype ({', '.join(DTYPES)})")
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -124,11 +134,11 @@ def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.
     n = len(shards)
     shard_files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for names, filename in zip(shards, shard_files):
-        tensors = {k: state[k].to("cpu").contiguous() for k in names}
+        tensors = {k: state[k].to("cpu", dtype).contiguous() for k in names}
         write_atomically(os.path.join(directory, filename),
                           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        index = {"metadata": {"total_size": sum(t.numel() * itemsize for t in state.values())},
                  "weight_map": {k: f for names, f in zip(shards, shard_files) for k in names}}
         _write_json(os.path.join(directory, INDEX_FILE), index)
     # Weights of an earlier save in this directory would otherwise be mixed with these on load.
@@ -145,8 +155,7 @@ def save_state_dict(state: dict[str, torch.Tensor], config, directory: str | os.
                     {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id")
                      if getattr(config, k) is not None})
     config_dict = config.to_hf_dict()
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    config_dict["dtype"] = config_dict["torch_dtype"] = dtype
+    config_dict["dtype"] = config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_json(os.path.join(directory, "config.json"), config_dict)
 
 

@@ -122,11 +122,15 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attention: Attention | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, plain_layers: bool = False) -> torch.Tensor:
         """input_ids [T] (packed sequences), cu_seqlens int32 [B+1] = [0, l1, l1+l2, ..., T].
         positions [T] default to 0, 1, ... within each sequence; attention defaults to causal attention
         within each sequence. cu_seqlens is needed only for those defaults. Returns logits [T, vocab_size],
-        or the final-normed hidden states [T, hidden_size] with return_hidden=True."""
+        or the final-normed hidden states [T, hidden_size] with return_hidden=True.
+        plain_layers: each decoder layer's own forward is called directly, past its module hooks (FSDP2's
+        gather/reshard/cast) and any wrapper put on its forward (activation checkpointing): for a caller
+        whose parameters are plain tensors, unsharded and fixed, that records nothing for a backward (the
+        sampler; in rollout mode). The math is the same."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a 1-D torch.long tensor of packed tokens, got "
                              f"{_describe(input_ids)}")
@@ -147,7 +151,10 @@ class Qwen2ForCausalLM(nn.Module):
 
         x, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, positions, attention, project)
+            if plain_layers:
+                x, residual = Qwen2DecoderLayer.forward(layer, x, residual, positions, attention, project)
+            else:
+                x, residual = layer(x, residual, positions, attention, project)
         hidden, _ = self.model.norm(x, residual)
         return hidden if return_hidden else project(hidden, self.lm_head_weight, None)
 
@@ -193,6 +200,12 @@ class Qwen2ForCausalLM(nn.Module):
         from protege.engine.checkpoint import save_state_dict
         save_state_dict(self.state_dict(), self.config, directory, source_dir=self.source_dir,
                         max_shard_size=max_shard_size)
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a model computes in on `device` by default: bf16 on CUDA (as trained and sampled in GRPO),
+    fp32 elsewhere (the CPU path)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def _positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ import os
 import sys
 
 try:
-    from protege.engine.training.runtime import init_runtime, shutdown
-    from protege.engine.training.config import ConfigError, load_config
+    from protege.engine.training.runtime import init_runtime, launched_world_size, shutdown
+    from protege.engine.training.config import ConfigError, load_config, process_group_timeout
 except ModuleNotFoundError as e:
     if e.name != "protege":
         raise
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        runtime = init_runtime(cfg.device)
+        runtime = init_runtime(cfg.device, process_group_timeout(cfg, launched_world_size()))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

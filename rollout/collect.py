@@ -147,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy == "anthropic":
         shared_policy = AnthropicPolicy(anthropic_client())
     elif args.policy == "sampler":
-        from protege.engine.model import Qwen2ForCausalLM
+        from protege.engine.model import Qwen2ForCausalLM, compute_dtype
         from protege.rollout.sampler.sampler import Sampler
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, device=device)
+        # In the dtype the model computes in here (bf16 on CUDA, fp32 on the CPU), whatever it was saved in.
+        model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, dtype=compute_dtype(device), device=device)
         sampler = Sampler(model, kv_cache_bytes=int(args.kv_cache_gb * 2 ** 30), eos_token_ids=tokenizer.eos_ids)
         shared_policy = SamplerPolicy(sampler, SamplingParams(temperature=args.temperature,
                                                                    max_tokens=args.max_turn_tokens))

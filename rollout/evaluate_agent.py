@@ -161,13 +161,14 @@ def load_policy(args, tokenizer):
         raise InputError("the Anthropic policy/expert needs ANTHROPIC_API_KEY in the environment")
     if args.policy == "sampler":
         import torch
-        from protege.engine.model import Qwen2ForCausalLM
+        from protege.engine.model import Qwen2ForCausalLM, compute_dtype
         from protege.rollout.agent.policies import SamplerPolicy
         from protege.rollout.sampler.sampler import Sampler
         from protege.rollout.sampler.sampling import SamplingParams
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, device=device)
+            # In the dtype the model computes in here (bf16 on CUDA, fp32 on the CPU), whatever it was saved in.
+            model = Qwen2ForCausalLM.from_pretrained(args.checkpoint, dtype=compute_dtype(device), device=device)
         except Exception as e:  # noqa: BLE001 -- any reason a checkpoint does not load is reported the same way
             raise InputError(f"--checkpoint {args.checkpoint}: does not load ({type(e).__name__}: {e})") from None
         sampler = Sampler(model, kv_cache_bytes=int(args.kv_cache_gb * 2 ** 30), eos_token_ids=tokenizer.eos_ids)

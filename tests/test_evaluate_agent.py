@@ -267,3 +267,27 @@ def test_claude_as_the_agent_and_the_expert_costs_are_per_task(tmp_path, monkeyp
     assert r["cost_usd"] == pytest.approx(r["policy_cost_usd"] + r["expert_cost_usd"])
     assert r["judge_cost_usd"] > 0
     assert "sk-ant-test-not-a-real-key" not in "".join(p.read_text() for p in tmp_path.rglob("*.json*"))
+
+
+def test_sampler_policy_loads_a_checkpoint_in_the_compute_dtype(tmp_path):
+    """A bf16 checkpoint (what training now writes for Qwen2.5) is sampled in the dtype the model computes in
+    on this device: fp32 on the CPU, bf16 on CUDA."""
+    import torch
+    from protege.engine.config import ModelConfig
+    from protege.engine.model import Qwen2ForCausalLM, compute_dtype
+    from protege.engine.tokenizer import train_bpe_tokenizer
+    from protege.rollout.evaluate_agent import load_policy, parse_args
+    checkpoint = tmp_path / "model"
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, checkpoint)
+    Qwen2ForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=512)).to(torch.bfloat16).save_pretrained(checkpoint)
+    assert json.loads((checkpoint / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    args = parse_args(["--tasks", str(TASKS), "--policy", "sampler", "--checkpoint", str(checkpoint),
+                       "--out", str(tmp_path / "out")])
+    policy = load_policy(args, tokenizer)
+    try:
+        assert {p.dtype for p in policy.server.sampler.model.parameters()} == {torch.float32}
+    finally:
+        policy.server.close()
+    assert compute_dtype("cuda") == torch.bfloat16 and compute_dtype("cpu") == torch.float32

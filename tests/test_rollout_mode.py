@@ -78,6 +78,44 @@ def test_fsdp2_rollout_mode_on_two_ranks_matches_unsharded(checkpoint, tmp_path)
     assert [c.token_ids for c in first] != [c.token_ids for c in second]
 
 
+@pytest.fixture(scope="module")
+def switch_report(checkpoint, tmp_path_factory):
+    """tests/rollout_switch_worker.py on 2 ranks: what each saw."""
+    out = tmp_path_factory.mktemp("switch")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "rollout_switch_worker.py"), str(checkpoint), str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
+
+
+def test_sampler_steps_run_no_checkpoint_and_no_fsdp_hook(switch_report):
+    """bf16 compute, fp32 masters, activation checkpointing on: a sampler step calls the plain layer forwards
+    (no checkpoint wrapper: on CUDA it reads the RNG state, which graph capture refuses; no FSDP2 hook: the
+    weights are gathered and fixed), and samples exactly what a plain bf16 copy of the weights samples."""
+    for report in switch_report:
+        # The counters see what training runs (else the zeros below would prove nothing)...
+        assert report["training_calls"]["checkpoint"] == 3
+        assert report["training_calls"]["_pre_forward"] == report["training_calls"]["_post_forward"] == 4
+        # ...and nothing of it in rollout mode, at the first switch and the next.
+        assert report["sampling_calls"] == [{}, {}]
+        assert report["sampler_dtype"] == "torch.bfloat16" and report["same_as_plain_bf16"] == [True, True]
+
+
+def test_training_after_rollout_mode_is_unchanged(switch_report):
+    """After leaving rollout mode the model trains bit for bit as one that never switched (same loss, same
+    gradient shards), through the same checkpointed and FSDP-hooked layers."""
+    for report in switch_report:
+        assert report["sharded_again"] and report["same_training"] == [True, True]
+        assert report["training_calls_after"] == report["training_calls"]
+
+
+def test_reference_model_holds_nothing_gathered_after_its_forward(switch_report):
+    for report in switch_report:
+        assert report["policy_gathered"] > 0   # the measure sees what training keeps (root, last layer)...
+        assert report["reference_gathered"] == 0 and report["reference_repeat_equal"]   # ...the reference: none
+
+
 def test_rollout_mode_without_fsdp_bumps_the_version_and_frees_the_pool():
     model = tiny_model()
     sampler = Sampler(model, num_blocks=32, block_size=4)

@@ -319,3 +319,46 @@ def test_a_nucleus_wider_than_the_candidates_is_drawn_over_every_token(model):
         outs[candidates] = sampler.generate(prompts, params)
     assert [o.token_ids for o in outs[2]] == [o.token_ids for o in outs[None]]
     assert [o.logprobs for o in outs[2]] == [o.logprobs for o in outs[None]]
+
+
+class CachingAllocator:
+    """What torch.cuda reports of a GPU with PyTorch's caching allocator: memory a freed tensor held stays
+    reserved (used, to the driver) until empty_cache() hands back the idle blocks."""
+
+    def __init__(self, total, allocated):
+        self.total, self.allocated, self.reserved = total, allocated, allocated
+
+    def malloc(self, size):
+        self.allocated += size
+        self.reserved = max(self.reserved, self.allocated)
+
+    def free(self, size):
+        self.allocated -= size
+
+    def mem_get_info(self, device=None):
+        return self.total - self.reserved, self.total
+
+    def empty_cache(self):
+        self.reserved = self.allocated
+
+
+def test_kv_pool_is_sized_the_same_at_every_rollout(model, monkeypatch):
+    """From the second rollout on, the memory of the last pool and of training's activations sits in the
+    allocator's cache; sized from mem_get_info alone, the pool would shrink at every step."""
+    from protege.rollout.sampler.kv_cache import bytes_per_block
+    gpu = CachingAllocator(total=80 << 30, allocated=30 << 30)   # weights and optimizer state stay
+    monkeypatch.setattr(torch.cuda, "mem_get_info", gpu.mem_get_info)
+    monkeypatch.setattr(torch.cuda, "empty_cache", gpu.empty_cache)
+    sampler = Sampler(model, kv_cache_fraction=0.8)
+    sampler.device = torch.device("cuda", 0)   # a CUDA sampler's sizing rule (no GPU here to build its pool on)
+    sizes = []
+    for _ in range(3):
+        sampler._size_pool()                   # what the first request of a rollout does
+        sizes.append(sampler.num_blocks)
+        pool = sampler.num_blocks * bytes_per_block(model.config, sampler.block_size, sampler.dtype)
+        gpu.malloc(pool)
+        gpu.free(pool)                         # leaving rollout mode frees the pool...
+        gpu.malloc(20 << 30)
+        gpu.free(20 << 30)                     # ...and training's activations come and go
+    assert sizes[0] == int(0.8 * (50 << 30)) // bytes_per_block(model.config, sampler.block_size, sampler.dtype)
+    assert sizes == [sizes[0]] * 3

@@ -238,3 +238,42 @@ def test_config_errors(setup, tmp_path):
     proc = run(TRAIN + ["--config", str(config), f"data.train_files={json.dumps([str(tmp_path / 'x.jsonl')])}"],
                check=False)
     assert proc.returncode == 1 and "x.jsonl does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_model_folder_in_the_models_dtype_and_resume_exact(tmp_path):
+    """A bf16 model (its config.json says so, as Qwen2.5's does) trained with fp32 masters: model/ holds the
+    masters rounded to bf16, which transformers loads; train_state/ keeps the fp32 masters, so a resume from
+    there continues bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import Qwen2ForCausalLM as HF
+
+    from protege.engine.model import Qwen2ForCausalLM
+    setup = make_sft_setup(tmp_path / "bf16", n_samples=8)
+    Qwen2ForCausalLM.from_pretrained(setup["model"]).to(torch.bfloat16).save_pretrained(setup["model"])
+    config = write_config(tmp_path / "c.toml", setup, tmp_path / "straight", train={"steps": 4},
+                          checkpoint={"every": 2})
+    run(TRAIN + ["--config", str(config)])
+    straight = tmp_path / "straight"
+    saved = straight / "checkpoints" / "step_00000004"
+    assert json.loads((saved / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    weights = load_file(saved / "model" / "model.safetensors")
+    dcp_to_torch_save(saved / "train_state", tmp_path / "state.pt")
+    masters = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "state.pt")["model"].items()}
+    assert weights.keys() == masters.keys()
+    for name, w in weights.items():
+        assert masters[name].dtype == torch.float32 and torch.equal(w, masters[name].to(torch.bfloat16)), name
+    theirs = HF.from_pretrained(saved / "model", dtype=torch.bfloat16)
+    for name, p in theirs.state_dict().items():
+        assert torch.equal(p, weights[name]), name
+
+    # Resume from step 2: steps 3-4 again from the fp32 masters, the same losses and weights.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    run(TRAIN + ["--config", str(config), f"output_dir={json.dumps(str(resumed))}", "--resume"])
+    assert losses(resumed) == losses(straight)
+    again = load_file(resumed / "checkpoints" / "step_00000004" / "model" / "model.safetensors")
+    assert all(torch.equal(again[name], w) for name, w in weights.items())

@@ -59,6 +59,10 @@ class CheckpointSection:
     every: int = 0                  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
     max_shard_size: str = "5GB"
+    # dtype of the weights in a checkpoint's model/ folder (the Hugging Face copy, for serving and evaluation).
+    # auto: the model's own, as its config.json states it (bfloat16 for Qwen2.5; the master dtype if it states
+    # none). The fp32 master weights stay in train_state/, which is what a resume reads: resumes stay exact.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -107,6 +111,12 @@ class TrainConfig:
     output_dir: str = "runs/sft"
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
+    # How long a rank may wait in a collective, in seconds (0: derived, process_group_timeout). In GRPO the
+    # ranks meet again only after every rank's rollout phase, which lasts up to rl.max_seconds per trajectory
+    # (checked between turns: + one command) plus its evaluation in a fresh environment, per round of
+    # rl.max_envs trajectories; NCCL's default (10 minutes) would abort the ranks that finished first. A value
+    # given is checked against that bound.
+    process_group_timeout_s: float = 0.0
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -125,6 +135,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "checkpoint.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.long_policy": ("truncate", "drop"),
     "data.bad_line_policy": ("error", "skip"),
 }
@@ -132,9 +143,9 @@ _POSITIVE = ("data.max_seq_len", "train.steps", "train.global_batch_size", "trai
              "checkpoint.keep_last", "log.every", "rl.prompts_per_step", "rl.max_envs", "rl.max_steps",
              "rl.max_context_tokens", "rl.max_turn_tokens", "rl.max_seconds", "rl.command_timeout_s",
              "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction")
-_NON_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "checkpoint.every",
-                 "log.peak_tflops", "rl.expert_quota", "rl.temperature", "rl.eps_low", "rl.eps_high",
-                 "rl.kl_coef", "rl.tis_cap")
+_NON_NEGATIVE = ("process_group_timeout_s", "train.lr", "train.warmup_steps", "train.weight_decay",
+                 "train.grad_clip", "checkpoint.every", "log.peak_tflops", "rl.expert_quota", "rl.temperature",
+                 "rl.eps_low", "rl.eps_high", "rl.kl_coef", "rl.tis_cap")
 
 # Hugging Face TrainingArguments names, so that a key written for HF gets our name as its suggestion.
 _ALIASES = {"learning_rate": "lr", "max_steps": "steps", "max_grad_norm": "grad_clip"}
@@ -227,6 +238,41 @@ def _validate_rl(rl: RLSection) -> None:
     if not 0 < rl.top_p <= 1:
         raise ConfigError(f"config: rl.top_p must be in (0, 1], got {rl.top_p}")
     curriculum(rl)
+
+
+# The longest a rollout's evaluation can take (rollout/evaluate.py): the patch apply's limit + the test run's
+# (evaluate_patch's default timeout, which rl.py uses).
+EVALUATION_SECONDS = 300.0 + 1800.0
+# Beyond the trajectories' own limits: environments started and closed, a last model turn, the judge, the
+# rollout-mode switch.
+ROLLOUT_MARGIN_SECONDS = 600.0
+# SFT's longest wait: the other ranks at a barrier while rank 0 alone writes a checkpoint's model/ copy (15 GB
+# for a 7B model in bf16: minutes on a slow disk).
+SFT_PROCESS_GROUP_TIMEOUT_S = 1800.0
+
+
+def rollout_phase_seconds(rl: RLSection, world_size: int) -> float:
+    """The longest one rank's rollout phase can last: its G x ceil(P / world) trajectories run rl.max_envs at
+    a time, each within rl.max_seconds + one command + its evaluation."""
+    jobs = rl.group_size * -(-rl.prompts_per_step // world_size)
+    rounds = -(-jobs // min(rl.max_envs, jobs))
+    return rounds * (rl.max_seconds + rl.command_timeout_s + EVALUATION_SECONDS) + ROLLOUT_MARGIN_SECONDS
+
+
+def process_group_timeout(cfg: TrainConfig, world_size: int) -> float:
+    """Seconds a rank may wait in a collective: process_group_timeout_s, or (0) what the phase needs; in GRPO a
+    value shorter than a rank's longest rollout phase is refused (it would abort the ranks that wait)."""
+    if cfg.phase != "grpo":
+        return cfg.process_group_timeout_s or SFT_PROCESS_GROUP_TIMEOUT_S
+    need = rollout_phase_seconds(cfg.rl, world_size)
+    if cfg.process_group_timeout_s == 0:
+        return need
+    if cfg.process_group_timeout_s < need:
+        raise ConfigError(f"config: process_group_timeout_s = {cfg.process_group_timeout_s:g} s is shorter than "
+                          f"a rank's rollout phase can last on {world_size} rank(s) ({need:g} s: rl.max_seconds + "
+                          f"rl.command_timeout_s + evaluation per round of rl.max_envs trajectories, + margin): "
+                          f"ranks waiting for it would abort; raise it or set 0 (derived)")
+    return cfg.process_group_timeout_s
 
 
 def curriculum(rl: RLSection):

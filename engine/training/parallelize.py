@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from protege.engine.config import ModelConfig
-from protege.engine.model import Qwen2ForCausalLM
+from protege.engine.model import Qwen2ForCausalLM, compute_dtype as default_compute_dtype
 from protege.engine.training.config import ConfigError
 from protege.engine.training.runtime import Runtime
 
@@ -53,6 +53,26 @@ def shard(root: nn.Module, layers: list[nn.Module], runtime: Runtime, compute_dt
     setattr(root, RESHARD_ATTR, True)
 
 
+def reshard_after_every_forward(root: nn.Module) -> None:
+    """A frozen model (no backward): every FSDP2 group of `root` resharded after each forward of it. FSDP2
+    keeps the root's group gathered after a forward (and shard() the last layer's), for the backward that
+    follows in training; a model that never runs one would hold them through the whole update."""
+    groups = [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+    def reshard(module, args, output):
+        for group in groups:
+            group.reshard()
+
+    if groups:
+        root.register_forward_hook(reshard)   # after FSDP2's own post-forward hook (registered first)
+
+
+def gathered_bytes(root: nn.Module) -> int:
+    """Bytes of unsharded parameter storage the FSDP2 groups of `root` hold now."""
+    return sum(t.untyped_storage().nbytes() for m in root.modules() if isinstance(m, FSDPModule)
+               for fp in m._get_fsdp_state()._fsdp_param_group.fsdp_params for t in fp.all_gather_outputs)
+
+
 def load_sharded(path: str, dtype: torch.dtype, runtime: Runtime, compute_dtype: torch.dtype,
                  activation_checkpointing: bool, wrap: Callable[[Qwen2ForCausalLM], nn.Module],
                  offload: bool = False) -> tuple[Qwen2ForCausalLM, nn.Module]:
@@ -79,10 +99,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def training_dtypes(model_cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(master dtype, compute dtype) of model.dtype / model.compute_dtype ("auto": bf16 on CUDA, else fp32)."""
-    compute = model_cfg.compute_dtype
-    if compute == "auto":
-        compute = "bfloat16" if device.type == "cuda" else "float32"
-    return _DTYPES[model_cfg.dtype], _DTYPES[compute]
+    auto = model_cfg.compute_dtype == "auto"
+    return _DTYPES[model_cfg.dtype], default_compute_dtype(device) if auto else _DTYPES[model_cfg.compute_dtype]
 
 
 def build_training_model(path: str, dtype: torch.dtype, compute_dtype: torch.dtype, runtime: Runtime,
@@ -111,9 +129,11 @@ class RolloutMode:
 
     enter(): every FSDP2 group (the layers and the root) is all-gathered once, in the compute dtype, and kept
     unsharded: the sampler then runs on the very parameters FSDP gathered, with no per-forward all-gather
-    and no copy. leave(): the sampler's KV pool and graphs are freed, the groups resharded (training's
-    reshard-after-forward restored) and the model's weight version bumped, so nothing computed with these
-    weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
+    and no copy, and calls the layers' plain forwards (Qwen2ForCausalLM.forward(plain_layers=True)): no FSDP2
+    hook and no activation-checkpoint wrapper runs in a sampler step, so training's hooks and wrappers are
+    left as they are and nothing needs restoring for them. leave(): the sampler's KV pool and graphs are
+    freed, the groups resharded (training's reshard-after-forward restored) and the model's weight version
+    bumped, so nothing computed with these weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
     Use as `with rollout_mode: ...`; `last_switch` holds the last enter + leave cost."""
 
     def __init__(self, root: nn.Module, model: Qwen2ForCausalLM, sampler=None):
@@ -127,8 +147,9 @@ class RolloutMode:
             raise RuntimeError("RolloutMode.enter: already in rollout mode")
         started = time.perf_counter()
         if self.groups:
-            # FSDP2 takes the first module run as its root: the sampler runs the layers alone, so the root
-            # (model and loss) must be made the root before a rollout can come first.
+            # FSDP2 takes the first module run as its root, and its lazy init shares the communication
+            # context (streams) the groups' unshard() uses: the root (model and loss) is made the root now,
+            # since a rollout comes first and the sampler runs no FSDP hook.
             self.groups[0]._get_fsdp_state()._lazy_init()
         for group in self.groups:
             group.set_reshard_after_forward(False, recurse=False)

@@ -68,8 +68,9 @@ def _set_rng_state(state: dict) -> None:
 
 def save_training_checkpoint(run_dir: Path, step: int, trainer_state: dict, root: nn.Module, model: nn.Module,
                              optimizer: torch.optim.Optimizer, runtime: Runtime, keep_last: int,
-                             max_shard_size: str) -> Path:
-    """Collective: every rank calls it. `root` is what was sharded (model + loss); `model` the causal LM."""
+                             max_shard_size: str, dtype: str = "auto") -> Path:
+    """Collective: every rank calls it. `root` is what was sharded (model + loss); `model` the causal LM.
+    dtype: of model/'s weights (config checkpoint.dtype; auto: the model config's, else as trained)."""
     final = checkpoint_dir(run_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if runtime.is_main:
@@ -86,8 +87,9 @@ def save_training_checkpoint(run_dir: Path, step: int, trainer_state: dict, root
     # The Hugging Face copy: full tensors gathered to rank 0 (on the CPU, a layer at a time is enough).
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if runtime.is_main:
+        written = model.config.dtype if dtype == "auto" else dtype
         save_state_dict(full, model.config, tmp / "model", source_dir=getattr(model, "source_dir", None),
-                        max_shard_size=max_shard_size)
+                        max_shard_size=max_shard_size, dtype=getattr(torch, written) if written else None)
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step,
                                                       "world_size": runtime.world_size}, indent=2) + "\n")
         _fsync_tree(tmp)

@@ -35,7 +35,8 @@ from protege.engine.training.grpo import group_advantages, policy_loss
 from protege.engine.optional import pyplot
 from protege.engine.training.metrics import MetricsLog
 from protege.engine.training.packing import pack
-from protege.engine.training.parallelize import RolloutMode, build_training_model, training_dtypes
+from protege.engine.training.parallelize import (RolloutMode, build_training_model, reshard_after_every_forward,
+                                                 training_dtypes)
 from protege.engine.training.resume import latest_checkpoint, load_training_checkpoint, resume_point, save_training_checkpoint
 from protege.engine.training.runtime import Runtime, all_reduce, barrier
 from protege.engine.training.sft import lr_lambda
@@ -239,7 +240,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             state = {"task_position": position, "scheduler": scheduler.state_dict(), "stage": stage.name,
                      "phase": "grpo", "base_model": base}
             save_training_checkpoint(run_dir, step, state, root, model, optimizer, runtime,
-                                     cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
+                                     cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size, cfg.checkpoint.dtype)
         summary = record
     if runtime.is_main:
         final = latest_checkpoint(run_dir)
@@ -275,7 +276,8 @@ def _tiny_base(directory: Path, seed: int, runtime: Runtime) -> Path:
 
 
 def _reference(cfg: TrainConfig, base: str, config: ModelConfig, dtype: torch.dtype, runtime: Runtime):
-    """The frozen reference (the SFT checkpoint), in the compute dtype, sharded like the policy."""
+    """The frozen reference (the SFT checkpoint), in the compute dtype, sharded like the policy, and fully
+    resharded after each forward (it has no backward to gather for: nothing of it stays gathered)."""
     path = cfg.rl.reference or base
     try:
         ref_config = ModelConfig.from_json(path)
@@ -290,6 +292,7 @@ def _reference(cfg: TrainConfig, base: str, config: ModelConfig, dtype: torch.dt
     model.exact = cfg.model.exact
     for p in root.parameters():
         p.requires_grad_(False)
+    reshard_after_every_forward(root)
     return root
 
 

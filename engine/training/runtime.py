@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,11 +33,20 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def init_runtime(requested_device: str) -> Runtime:
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(requested_device: str, timeout_s: float | None = None) -> Runtime:
     """Join the process group started by torchrun (WORLD_SIZE > 1), or run as one process. On CUDA a
-    one-process group is made too, so that FSDP2's mixed precision (bf16 compute, fp32 master) applies."""
+    one-process group is made too, so that FSDP2's mixed precision (bf16 compute, fp32 master) applies.
+    timeout_s: how long a collective may wait for the other ranks (config.process_group_timeout; None: the
+    backend's default, 10 minutes for NCCL)."""
+    if timeout_s is not None and not timeout_s > 0:
+        raise ConfigError(f"process group timeout {timeout_s!r} s: expected a positive number of seconds")
     device = resolve_device(requested_device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -48,7 +58,8 @@ def init_runtime(requested_device: str) -> Runtime:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
     return Runtime(dist.get_rank(), dist.get_world_size(), device, sharded=True)
 
 

@@ -147,7 +147,7 @@ def run_sft(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             trainer_state = {"data_position": position, "scheduler": scheduler.state_dict(),
                              "data_counts_rank0": dict(dataset.counts)}
             save_training_checkpoint(run_dir, step, trainer_state, root, model, optimizer, runtime,
-                                     cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
+                                     cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size, cfg.checkpoint.dtype)
     if bar is not None:
         bar.close()
     summary = {}

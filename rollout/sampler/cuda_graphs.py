@@ -111,7 +111,8 @@ class StepGraphs:
         tokens, max_query_len = bucket
         s = self.static
         attention = PagedAttention(self.kv_cache, s.metadata(tokens, max_query_len), self.model.exact)
-        return self.model(s.ids[:tokens], positions=s.positions[:tokens], attention=attention, return_hidden=True)
+        return self.model(s.ids[:tokens], positions=s.positions[:tokens], attention=attention, return_hidden=True,
+                          plain_layers=True)
 
     def bucket_for(self, inputs) -> tuple[int, int] | None:
         return pick_bucket(self.buckets, inputs.num_tokens, inputs.max_query_len)

@@ -118,7 +118,10 @@ class ModelRunner:
         else:
             metadata = AttentionMetadata(inputs.slots, inputs.tables, inputs.cu_seqlens, inputs.context_lens,
                                          inputs.max_query_len)
+            # Plain layer forwards: the weights are plain and fixed while the sampler runs (it refuses sharded
+            # ones), so FSDP2's per-layer hooks have nothing to do, and a checkpoint wrapper would only cost
+            # (and read the CUDA RNG state, which a graph capture refuses).
             hidden = self.model(inputs.ids, positions=inputs.positions,
                                 attention=PagedAttention(self.kv_cache, metadata, self.model.exact),
-                                return_hidden=True)
+                                return_hidden=True, plain_layers=True)
         return hidden[inputs.last_rows]

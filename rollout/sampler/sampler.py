@@ -134,6 +134,9 @@ class Sampler:
         per_block = bytes_per_block(self.config, self.block_size, self.dtype)
         if num_blocks is None and kv_cache_bytes is None:
             if self.device.type == "cuda":
+                # mem_get_info counts the caching allocator's idle blocks (the last rollout's pool, training's
+                # freed buffers) as used: give them back first, or every rollout's pool is smaller than the last.
+                torch.cuda.empty_cache()
                 kv_cache_bytes = int(fraction * torch.cuda.mem_get_info(self.device)[0])
             else:
                 per_token = bytes_per_block(self.config, 1, self.dtype)
