@@ -133,7 +133,8 @@ class RolloutMode:
     hook and no activation-checkpoint wrapper runs in a sampler step, so training's hooks and wrappers are
     left as they are and nothing needs restoring for them. leave(): the sampler's KV pool and graphs are
     freed, the groups resharded (training's reshard-after-forward restored) and the model's weight version
-    bumped, so nothing computed with these weights is served again. Without FSDP (one process, CPU) both are no-ops but for the version.
+    bumped, so nothing computed with these weights is served again. Without FSDP (one process, CPU) both are
+    no-ops but for the version.
     Use as `with rollout_mode: ...`; `last_switch` holds the last enter + leave cost."""
 
     def __init__(self, root: nn.Module, model: Qwen2ForCausalLM, sampler=None):
