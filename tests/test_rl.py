@@ -132,6 +132,8 @@ def test_kill_mid_rollout_then_resume_reuses_finished_trajectories(models, one_r
     (['rl.stages=["1-80", "70-160"]'], "rl.stages"),
     (["rl.tasks=EMPTY"], "holds no usable task"),
     (["rl.reference=OTHER"], "rl.reference"),
+    (["rl.temperature=0"], "rl.temperature = 0.0: GRPO needs a sampling temperature > 0"),
+    (["rl.temperature=-0.5"], "rl.temperature = -0.5: GRPO needs a sampling temperature > 0"),
 ])
 def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     empty = tmp_path / "empty.jsonl"
@@ -148,29 +150,70 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     assert code in (1, 2) and problem in err and "Traceback" not in err, err
 
 
-def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
-    """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
-    sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit."""
+def tiny_exact_model():
     from protege.engine.config import ModelConfig
     from protege.engine.model import Qwen2ForCausalLM
-    from protege.engine.training.grpo import policy_loss
-    from protege.engine.training.rl import Sample, TokenLogprobs, _micro_batches
-    from protege.rollout.sampler import Sampler, SamplingParams
-    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
     model.exact = True
-    prompts = [[3, 9, 27, 81 % 96, 5, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    return model
+
+
+def sampled(model, temperature: float, advantages=(1.0, 1.0)) -> list:
+    """Two sequences drawn by the sampler at `temperature`, as GRPO Samples (its log-probs as the old ones)."""
+    from protege.engine.training.rl import Sample
+    from protege.rollout.sampler import Sampler, SamplingParams
+    prompts = [[3, 9, 27, 81 % 96, 5, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]][:len(advantages)]
     outs = Sampler(model, num_blocks=16, block_size=4, max_num_batched_tokens=8).generate(
-        prompts, [SamplingParams(temperature=1.0, max_tokens=5, seed=i, ignore_eos=True) for i in range(2)])
-    samples = [Sample(p + o.token_ids, list(range(len(p) - 1, len(p) + len(o.token_ids) - 1)), o.token_ids,
-                      o.logprobs, 1.0) for p, o in zip(prompts, outs)]
+        prompts, [SamplingParams(temperature=temperature, max_tokens=5, seed=i, ignore_eos=True)
+                  for i in range(len(prompts))])
+    return [Sample(p + o.token_ids, list(range(len(p) - 1, len(p) + len(o.token_ids) - 1)), o.token_ids,
+                   o.logprobs, a) for p, o, a in zip(prompts, outs, advantages)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch, temperature):
+    """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
+    sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit,
+    at the temperature the sampler drew with (its log-probs are of softmax(z / T))."""
+    from protege.engine.training.grpo import policy_loss
+    from protege.engine.training.rl import TokenLogprobs, _micro_batches
+    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
+    model = tiny_exact_model()
+    samples = sampled(model, temperature)
     [batch] = _micro_batches(samples, 64, torch.device("cpu"))
-    logp, _ = TokenLogprobs(model)(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets)
+    logp, _ = TokenLogprobs(model)(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets,
+                                   temperature=temperature)
     assert torch.equal(logp.detach(), batch.sampler_logprobs)
     _, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp))
     assert stats["ratio_mean"] == 1.0 and stats["max_abs_logprob_diff"] == 0.0
+
+
+def grpo_update(model, samples, **rl):
+    """engine/training/rl.py's _update on one CPU process: the real loop over real log-probs, no environment."""
+    from protege.engine.training.config import TrainConfig
+    from protege.engine.training.rl import TokenLogprobs, _update
+    from protege.engine.training.runtime import Runtime
+    cfg = TrainConfig(phase="grpo")
+    cfg.model.exact = model.exact
+    cfg.train.micro_batch_tokens = 64
+    for key, value in rl.items():
+        setattr(cfg.rl, key, value)
+    root = TokenLogprobs(model)
+    optimizer = torch.optim.SGD(root.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return _update(cfg, Runtime(0, 1, torch.device("cpu"), sharded=False), root, None, optimizer, scheduler,
+                   samples, model)
+
+
+def test_the_update_takes_log_probs_at_the_sampling_temperature(monkeypatch):
+    """Through _update itself: at T = 0.7 in exact mode the trainer's first log-probs are the sampler's bits."""
+    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
+    model = tiny_exact_model()
+    stats = grpo_update(model, sampled(model, 0.7), temperature=0.7)
+    assert stats["updates"] == 1 and stats["trained_tokens"] == 10
+    assert stats["sampler_trainer_logprob_max"] == 0.0 and stats["first_ratio_max_deviation"] == 0.0
 
 
 def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_path, bundled_images, docker_client):

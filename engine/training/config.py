@@ -133,7 +133,7 @@ _POSITIVE = ("data.max_seq_len", "train.steps", "train.global_batch_size", "trai
              "rl.max_context_tokens", "rl.max_turn_tokens", "rl.max_seconds", "rl.command_timeout_s",
              "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction")
 _NON_NEGATIVE = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "checkpoint.every",
-                 "log.peak_tflops", "rl.expert_quota", "rl.temperature", "rl.eps_low", "rl.eps_high",
+                 "log.peak_tflops", "rl.expert_quota", "rl.eps_low", "rl.eps_high",
                  "rl.kl_coef", "rl.tis_cap")
 
 # Hugging Face TrainingArguments names, so that a key written for HF gets our name as its suggestion.
@@ -224,6 +224,9 @@ def _validate_rl(rl: RLSection) -> None:
     if rl.group_size < 2:
         raise ConfigError(f"config: rl.group_size must be >= 2 (a group advantage needs two samples), "
                           f"got {rl.group_size}")
+    if not rl.temperature > 0:
+        raise ConfigError(f"config: rl.temperature = {rl.temperature!r}: GRPO needs a sampling temperature > 0 "
+                          f"(0 is greedy decoding: no sampling distribution for the probability ratio)")
     if not 0 < rl.top_p <= 1:
         raise ConfigError(f"config: rl.top_p must be in (0, 1], got {rl.top_p}")
     curriculum(rl)

@@ -56,15 +56,18 @@ TRUNCATED = ("context", "max_steps", "time")   # terminations that cut a traject
 
 class TokenLogprobs(nn.Module):
     """The model and its head + log-softmax as one module (the FSDP root): log p(target) and the entropy at
-    the given rows only -- the policy's tokens (tool output, most of an agent trajectory, needs no head)."""
+    the given rows only -- the policy's tokens (tool output, most of an agent trajectory, needs no head).
+    `temperature` has no default: the ratio is only right at the temperature the sampler drew with (its
+    log-probs are of softmax(z / T)), so every caller names it."""
 
     def __init__(self, model: Qwen2ForCausalLM):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, cu_seqlens, rows, targets):
+    def forward(self, input_ids, cu_seqlens, rows, targets, *, temperature: float):
         hidden = self.model(input_ids, cu_seqlens=cu_seqlens, return_hidden=True)
-        return kernels.token_logprobs(hidden[rows], self.model.lm_head_weight, targets, return_entropy=True)
+        return kernels.token_logprobs(hidden[rows], self.model.lm_head_weight, targets, temperature=temperature,
+                                      return_entropy=True)
 
 
 @dataclass
@@ -381,6 +384,7 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
     sums = Counter()
     mismatch_max = 0.0
     use_sampler_old = cfg.model.exact or not rl.recompute_logprobs
+    T = rl.temperature   # the sampler's log-probs are of softmax(z / T): the trainer's must be too
     for k in range(rl.mini_batches):
         part = samples[k::rl.mini_batches]
         batches = _micro_batches(part, t.micro_batch_tokens, device)
@@ -393,11 +397,11 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
         with torch.no_grad():
             for b in batches:
                 if not use_sampler_old:
-                    old.append(root(b.input_ids, b.cu_seqlens, b.rows, b.targets)[0])
-                if reference is not None:
-                    ref.append(reference(b.input_ids, b.cu_seqlens, b.rows, b.targets)[0])
+                    old.append(root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0])
+                if reference is not None:   # the KL compares the two policies at the temperature sampled with
+                    ref.append(reference(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0])
         for j, b in enumerate(batches):
-            logp, entropy = root(b.input_ids, b.cu_seqlens, b.rows, b.targets)
+            logp, entropy = root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)
             old_j = b.sampler_logprobs if use_sampler_old else old[j]
             weight = torch.ones_like(logp)
             if not use_sampler_old and rl.tis_cap > 0:   # truncated importance sampling on the sampler's draw
