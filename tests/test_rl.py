@@ -150,6 +150,13 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     assert code in (1, 2) and problem in err and "Traceback" not in err, err
 
 
+def test_rl_defaults_are_the_methods():
+    """config.py's RL defaults and the 7B config are method.md's: G = 6, clip 0.2 / 0.28, KL coefficient 0.001."""
+    from protege.engine.training.config import RLSection, load_config
+    for rl in (RLSection(), load_config(REPO / "configs" / "grpo-qwen2.5-coder-7b.toml").rl):
+        assert (rl.group_size, rl.eps_low, rl.eps_high, rl.kl_coef) == (6, 0.2, 0.28, 0.001)
+
+
 def tiny_exact_model():
     from protege.engine.config import ModelConfig
     from protege.engine.model import Qwen2ForCausalLM

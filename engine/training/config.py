@@ -92,7 +92,7 @@ class RLSection:
     drop_zero_variance: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal are dropped
     eps_low: float = 0.2
     eps_high: float = 0.28
-    kl_coef: float = 0.0            # 0: no reference model is loaded
+    kl_coef: float = 0.001          # the method's default (the paper leaves it unknown); 0: no reference loaded
     reference: str = ""             # the frozen reference (default: model.path, the SFT checkpoint)
     reference_offload: bool = False  # its shards in CPU memory, brought to the GPU a layer at a time
     mini_batches: int = 1           # optimizer steps per RL step
