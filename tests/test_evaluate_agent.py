@@ -148,6 +148,21 @@ def test_a_rerun_with_other_settings_is_refused(gold_run, capsys):
     assert "holds a run with other settings (policy: 'scripted' there, 'empty' now" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, key", [
+    (["--anthropic-model", "claude-other"], "expert_model"), (["--max-turn-tokens", "64"], "max_turn_tokens"),
+    (["--command-timeout", "30"], "command_timeout_s"), (["--no-judge"], "no_judge")])
+def test_a_rerun_with_another_agent_setting_is_refused(tmp_path, capsys, change, key):
+    """Every setting that changes what an attempt does is part of run.json: a rerun cannot mix two runs."""
+    from protege.rollout.evaluate_agent import parse_args, run_settings
+    out = tmp_path / "run"
+    first = ["--tasks", str(TASKS), "--policy", "sampler", "--checkpoint", str(tmp_path / "ckpt"),
+             "--expert", "anthropic", "--backend", "sandbox", "--out", str(out), *LIMIT]
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(run_settings(parse_args(first))))
+    assert main(first + change) == 2
+    assert f"holds a run with other settings ({key}: " in capsys.readouterr().err
+
+
 def test_interval_and_pass_at_k():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     low, high = wilson_interval(5, 10)
