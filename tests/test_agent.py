@@ -304,6 +304,25 @@ def test_a_turn_ending_in_endoftext_ends_the_run_as_eos_not_context(task, env, t
     assert last.token_ids[-1] == tokenizer.endoftext_id and last.loss_mask.count(1) == 1
 
 
+def test_a_turn_cut_by_max_turn_tokens_is_its_own_termination_not_context(task, env, tmp_path):
+    """A generation cut by the per-turn cap with room left ends the run as max_turn_tokens; one cut because
+    the context is full ends it as context."""
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
+    sampler = Sampler(im_end_model(tokenizer, tokenizer.encode("find")[0]), num_blocks=256,
+                      eos_token_ids=tokenizer.eos_ids)   # never ends a turn
+    policy = SamplerPolicy(sampler, SamplingParams(temperature=0, max_tokens=4))
+    try:
+        capped = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=3, judge=False))
+        prompt = len(capped.input_ids()) - 4   # the system and task turns and the generation prompt
+        full = run_agent(task, env, policy, OracleExpert(), tokenizer,
+                         AgentConfig(max_steps=3, max_context_tokens=prompt + 2, judge=False))
+    finally:
+        policy.close()
+    assert capped.termination == "max_turn_tokens" and capped.steps == 1 and capped.error is None
+    assert capped.messages[-1].loss_mask.count(1) == 4
+    assert full.termination == "context" and full.steps == 1 and full.messages[-1].loss_mask.count(1) == 2
+
+
 def test_a_failing_sampler_step_fails_its_turns_and_leaves_the_sampler_usable(task, env, tmp_path):
     tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
 

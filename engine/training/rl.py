@@ -51,7 +51,7 @@ from protege.rollout.sampler import Sampler, SamplingParams
 from protege.rollout.sampler.server import SamplerServer
 from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
 
-TRUNCATED = ("context", "max_steps", "time")   # terminations that cut a trajectory short
+TRUNCATED = ("context", "max_turn_tokens", "max_steps", "time")   # terminations that cut a trajectory short
 
 
 class TokenLogprobs(nn.Module):

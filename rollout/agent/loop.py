@@ -2,8 +2,9 @@
 
 One step is one assistant turn holding exactly one tool call. A turn that cannot be parsed, has no call,
 or has several gets an error observation and still counts as a step. The run ends with one of:
-submitted, max_steps, context (the conversation reached max_context_tokens or a generation was cut
-short), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), time (the
+submitted, max_steps, context (the conversation reached max_context_tokens, also within a generation),
+max_turn_tokens (a generation reached the policy's per-turn cap, max_turn_tokens, with room left in the
+context), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), time (the
 run's wall-clock limit), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
 Whatever the ending, the final patch is the repository's diff at that point. Afterwards the hidden judge
 scores every answered expert call. run_batch runs many (task, policy) jobs on threads, so a slow command
@@ -177,8 +178,10 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
             traj.steps += 1
             if turn.token_ids is not None and turn.token_ids[-1] != tokenizer.im_end_id:
                 # No turn can follow one that does not end with <|im_end|>: the model stopped on an EOS token
-                # of its own, or the generation was cut at the context limit.
-                traj.termination = "eos" if turn.token_ids[-1] in tokenizer.eos_ids else "context"
+                # of its own, or the generation was cut, by the per-turn cap (with room left) or the context.
+                turn_cap = turn.finish_reason == "length" and len(turn.token_ids) < room
+                traj.termination = ("eos" if turn.token_ids[-1] in tokenizer.eos_ids
+                                    else "max_turn_tokens" if turn_cap else "context")
                 break
             action = run.act(traj.steps - 1, turn.text)
             traj.actions.append(action)

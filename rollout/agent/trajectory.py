@@ -14,7 +14,7 @@ from pathlib import Path
 from protege.rewards import shaping
 
 SCHEMA_VERSION = 1
-TERMINATIONS = ("submitted", "max_steps", "context", "eos", "time", "budget", "error")
+TERMINATIONS = ("submitted", "max_steps", "context", "max_turn_tokens", "eos", "time", "budget", "error")
 
 
 @dataclass
