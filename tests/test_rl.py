@@ -157,6 +157,52 @@ def test_rl_defaults_are_the_methods():
         assert (rl.group_size, rl.eps_low, rl.eps_high, rl.kl_coef) == (6, 0.2, 0.28, 0.001)
 
 
+def scored(slot: int, sample: int, reward: float, infrastructure_error=None, termination="submitted"):
+    """A stored rollout as rl.py holds it: a trajectory with two policy tokens, its real reward breakdown
+    (R_total set to `reward`)."""
+    from protege.engine.training.rl import Rollout
+    from protege.rewards.shaping import RewardConfig, score
+    from protege.rollout.agent.trajectory import Message, Trajectory
+    traj = Trajectory("task", sample, "sampler", "oracle", termination=termination, resolved=False,
+                      infrastructure_error=infrastructure_error,
+                      messages=[Message("user", "u", [1, 2, 3], [0, 0, 0]),
+                                Message("assistant", "a", [4, 5], [1, 1], [-0.5, -0.25])])
+    reward = {**score(traj.reward_input(), RewardConfig(), "I").to_dict(), "R_total": reward}
+    return Rollout(slot, sample, 0, traj, reward)
+
+
+def test_infrastructure_failures_are_never_trained_on_nor_in_a_groups_statistics():
+    """Group 0: an environment that never started (-10.5) beside rewards 1, 0, 0.5: the advantages are those of
+    (1, 0, 0.5) alone -- mean 0.5, std 0.5 -> (1, -1, 0) -- and the failure is no sample. Group 1: three
+    sampler failures leave one valid trajectory: dropped. Group 2: the policy's own failures (an error of its
+    own, out of steps) stay in. The step's metrics count both, and its reward figures are the policy's only."""
+    from types import SimpleNamespace
+    from protege.engine.training.parallelize import SwitchStats
+    from protege.engine.training.rl import _metrics, _training_samples
+    from protege.engine.training.runtime import Runtime
+    from protege.rollout.sampler.sampler import SamplerStats
+    env, sampler = "environment start: RuntimeError: no image", "sampler: sampler step failed: device lost"
+    groups = [[scored(0, 0, 1.0), scored(0, 1, 0.0), scored(0, 2, -10.5, env), scored(0, 3, 0.5)],
+              [scored(1, 0, -0.5, sampler), scored(1, 1, -0.5, sampler), scored(1, 2, 1.0), scored(1, 3, -0.5, sampler)],
+              [scored(2, 0, 0.0), scored(2, 1, -10.5, termination="error"), scored(2, 2, 1.0),
+               scored(2, 3, 0.0, termination="max_steps")]]
+    rl = SimpleNamespace(drop_zero_variance=False, mask_truncated=False)
+    samples, counts = _training_samples(groups, rl)
+    a = 0.5 / (0.5 + 1e-6)   # deviation 0.5 over std 0.5 (+ eps)
+    assert [s.advantage for s in samples[:3]] == pytest.approx([a, -a, 0.0], abs=1e-12)
+    assert len(samples) == 3 + 4 and all(s.targets == [4, 5] for s in samples)
+    policy_own = torch.tensor([0.0, -10.5, 1.0, 0.0], dtype=torch.float64)
+    expected = ((policy_own - policy_own.mean()) / (policy_own.std() + 1e-6)).tolist()
+    assert [s.advantage for s in samples[3:]] == pytest.approx(expected)
+    assert (counts["infrastructure_failures"], counts["dropped_groups"]) == (4, 1)
+    record = _metrics(Runtime(0, 1, torch.device("cpu"), sharded=False), 1, "I", [r for g in groups for r in g], 0,
+                      counts, SamplerStats(), SamplerStats(), SwitchStats(), 1.0, 1.0, 1.0, {}, 1e-3)
+    assert record["trajectories"] == 12 and record["infrastructure_failures"] == 4 and record["dropped_groups"] == 1
+    assert record["infrastructure_failure_kinds"] == {"environment start": 1, "sampler": 3}
+    valid = [1.0, 0.0, 0.5, 1.0, 0.0, -10.5, 1.0, 0.0]
+    assert record["reward_mean"] == pytest.approx(sum(valid) / 8) and record["terminations"]["submitted"] == 10
+
+
 def tiny_exact_model():
     from protege.engine.config import ModelConfig
     from protege.engine.model import Qwen2ForCausalLM
@@ -224,8 +270,9 @@ def test_the_update_takes_log_probs_at_the_sampling_temperature(monkeypatch):
 
 
 def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_path, bundled_images, docker_client):
-    """Docker backend: one task's image does not exist. Its trajectories end as errors (recorded, scored as
-    unresolved), the other task's run normally, the step completes, and no container is left behind."""
+    """Docker backend: one task's image does not exist. Its trajectories end as errors recorded as the
+    infrastructure's (never trained on: the group is dropped and counted), the other task's run normally, the
+    step completes, and no container is left behind."""
     from protege.rollout.envs.docker import LABEL
     from protege.rollout.tasks import BUNDLED_JSONL
     rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
@@ -243,9 +290,12 @@ def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_pa
     fine = [r for r in stored if r["trajectory"]["task_id"] == rows[0]["instance_id"]]
     assert len(broken) == len(fine) == 2
     assert all(r["trajectory"]["termination"] == "error" and "no-such-image" in r["trajectory"]["error"]
-               and r["reward"]["R_correct"] == 0.0 for r in broken)
-    assert all(r["trajectory"]["termination"] != "error" for r in fine)
-    assert [r["step"] for r in metrics(out)] == [1]
+               and r["trajectory"]["infrastructure_error"].startswith("environment start:") for r in broken)
+    assert all(r["trajectory"]["termination"] != "error" and r["trajectory"]["infrastructure_error"] is None
+               for r in fine)
+    [record] = metrics(out)
+    assert record["step"] == 1 and record["trajectories"] == 4
+    assert (record["infrastructure_failures"], record["dropped_groups"]) == (2, 1)
     left = [c for c in docker_client.containers.list(all=True, filters={"label": LABEL})
             if c.labels[LABEL] != str(os.getpid())]   # the training run's containers (not this test process's)
     assert left == []

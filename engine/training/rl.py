@@ -31,7 +31,7 @@ from protege.engine.model import Qwen2ForCausalLM
 from protege.engine.tokenizer import Tokenizer
 from protege.engine.training.config import ConfigError, TrainConfig, curriculum, save_config
 from protege.engine.training.data import GlobalBatches
-from protege.engine.training.grpo import group_advantages, policy_loss
+from protege.engine.training.grpo import group_advantages, policy_loss, usable_groups
 from protege.engine.optional import pyplot
 from protege.engine.training.metrics import MetricsLog
 from protege.engine.training.packing import pack
@@ -203,23 +203,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         switch = rollout_mode.last_switch
 
         # Advantages per group; a group is all on this rank.
-        samples: list[Sample] = []
-        zero_variance = masked = 0
-        for slot in mine:
-            group = [results[(slot, s)] for s in range(rl.group_size)]
-            totals = torch.tensor([r.reward["R_total"] for r in group], dtype=torch.float64)
-            advantages = group_advantages(totals, rl.group_size)
-            if bool((totals == totals[0]).all()):
-                zero_variance += 1
-                if rl.drop_zero_variance:
-                    continue
-            for r, a in zip(group, advantages.tolist()):
-                if rl.mask_truncated and r.trajectory.termination in TRUNCATED:
-                    masked += 1
-                    continue
-                sample = _sample(r.trajectory, a)
-                if sample.rows:   # a trajectory whose environment never started has no policy token to train
-                    samples.append(sample)
+        samples, counts = _training_samples([[results[(s, i)] for i in range(rl.group_size)] for s in mine], rl)
 
         t_train = time.perf_counter()
         train_stats = _update(cfg, runtime, root, reference, optimizer, scheduler, samples, model)
@@ -229,15 +213,17 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         position += rl.prompts_per_step
 
         record = _metrics(runtime, step, stage.name, [results[(s, i)] for s in mine for i in range(rl.group_size)],
-                          len(reused), zero_variance, masked, sampler.stats, stats_before, switch,
+                          len(reused), counts, sampler.stats, stats_before, switch,
                           rollout_seconds, training_seconds, time.perf_counter() - started, train_stats,
                           scheduler.get_last_lr()[0])
         if runtime.is_main:
             log.write(record)
             plot = plot_grpo(log.records(), run_dir / "grpo.png")
+            failed = record["infrastructure_failures"]
             print(f"step {step}/{t.steps} [{stage.name}] reward {record['reward_mean']:+.3f} "
-                  f"resolved {record['resolve_rate']:.2f} loop {record['loop_rate']:.2f} "
-                  f"loss {record['loss']:+.4f} ({record['step_seconds']:.0f} s)", flush=True)
+                  f"resolved {record.get('resolve_rate', math.nan):.2f} loop {record.get('loop_rate', math.nan):.2f} "
+                  f"loss {record['loss']:+.4f} ({record['step_seconds']:.0f} s)"
+                  + (f", {failed} infrastructure failure(s) left out" if failed else ""), flush=True)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
             state = {"task_position": position, "scheduler": scheduler.state_dict(), "stage": stage.name,
                      "phase": "grpo", "base_model": base}
@@ -325,6 +311,37 @@ def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------- update
+
+def _training_samples(groups: list[list[Rollout]], rl) -> tuple[list[Sample], Counter]:
+    """Each task's group as training samples, and counts of what was left out. A trajectory the infrastructure
+    failed (Trajectory.infrastructure_error) is no sample of the policy: never trained on, never in its group's
+    mean and std; a group left with fewer than 2 valid trajectories is dropped. The policy's own failures (bad
+    calls, loops, its command's timeout, running out of steps) stay in."""
+    samples: list[Sample] = []
+    counts = Counter(zero_variance_groups=0, masked_trajectories=0, infrastructure_failures=0, dropped_groups=0)
+    for group in groups:
+        valid = torch.tensor([r.trajectory.infrastructure_error is None for r in group])
+        counts["infrastructure_failures"] += int((~valid).sum())
+        if not bool(usable_groups(valid, len(group))):
+            counts["dropped_groups"] += 1
+            continue
+        totals = torch.tensor([r.reward["R_total"] for r in group], dtype=torch.float64)
+        advantages = group_advantages(totals, len(group), valid=valid)
+        if bool((totals[valid] == totals[valid][0]).all()):
+            counts["zero_variance_groups"] += 1
+            if rl.drop_zero_variance:
+                continue
+        for r, a, ok in zip(group, advantages.tolist(), valid.tolist()):
+            if not ok:
+                continue
+            if rl.mask_truncated and r.trajectory.termination in TRUNCATED:
+                counts["masked_trajectories"] += 1
+                continue
+            sample = _sample(r.trajectory, a)
+            if sample.rows:   # e.g. a prompt that left no room for a first turn: no policy token to train
+                samples.append(sample)
+    return samples, counts
+
 
 def _sample(traj: Trajectory, advantage: float) -> Sample:
     ids, mask = traj.input_ids(), traj.loss_mask()
@@ -449,14 +466,16 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
 
 # ---------------------------------------------------------------------------------------------- metrics
 
-def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reused: int, zero_variance: int,
-             masked: int, stats, stats_before, switch, rollout_seconds: float, training_seconds: float,
+def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reused: int, counts: Counter,
+             stats, stats_before, switch, rollout_seconds: float, training_seconds: float,
              step_seconds: float, train: dict, lr: float) -> dict:
     local = [{"reward": r.reward, "steps": r.trajectory.steps, "termination": r.trajectory.termination,
               "expert_tokens": r.trajectory.expert_tokens, "total_tokens": r.trajectory.total_tokens,
               "policy_tokens": r.trajectory.policy_tokens, "expert_cost": r.trajectory.expert_cost_usd,
-              "quota_refusals": sum(c.refused for c in r.trajectory.expert_calls)} for r in mine]
-    counters = [reused, zero_variance, masked, stats.generated_tokens - stats_before.generated_tokens,
+              "quota_refusals": sum(c.refused for c in r.trajectory.expert_calls),
+              "infrastructure": (r.trajectory.infrastructure_error or "").partition(":")[0] or None} for r in mine]
+    counters = [reused, counts["zero_variance_groups"], counts["masked_trajectories"], counts["dropped_groups"],
+                stats.generated_tokens - stats_before.generated_tokens,
                 stats.cached_tokens - stats_before.cached_tokens,
                 stats.prompt_tokens - stats_before.prompt_tokens,
                 stats.preemptions - stats_before.preemptions]
@@ -464,20 +483,24 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
     if dist.is_initialized() and runtime.world_size > 1:
         everyone = [None] * runtime.world_size
         dist.all_gather_object(everyone, local)
-    rows = [r for part in everyone for r in part]
-    reused, zero_variance, masked, generated, cached, prompt, preempted = all_reduce(counters, "sum", runtime)
+    everything = [r for part in everyone for r in part]
+    rows = [r for r in everything if r["infrastructure"] is None]   # the policy's figures: its own trajectories
+    reused, zero_variance, masked, dropped, generated, cached, prompt, preempted = all_reduce(counters, "sum", runtime)
     peak_blocks, = all_reduce([stats.peak_blocks_in_use], "max", runtime)
     breakdowns = [RewardBreakdown(**r["reward"]) for r in rows]
     totals = [b.R_total for b in breakdowns]
-    mean = sum(totals) / len(totals)
+    mean = sum(totals) / len(totals) if totals else math.nan
     agg = aggregate(breakdowns, [r["expert_tokens"] for r in rows], [r["total_tokens"] for r in rows])
-    record = {"step": step, "stage": stage, "trajectories": len(rows), "reward_mean": mean,
+    failures = Counter(r["infrastructure"] for r in everything if r["infrastructure"] is not None)
+    record = {"step": step, "stage": stage, "trajectories": len(everything), "reward_mean": mean,
               "reward_std": (sum((x - mean) ** 2 for x in totals) / max(1, len(totals) - 1)) ** 0.5, **agg,
               "longest_streak": max((max(b.streaks, default=0) for b in breakdowns), default=0),
-              "steps_mean": sum(r["steps"] for r in rows) / len(rows),
-              "terminations": dict(Counter(r["termination"] for r in rows)),
+              "steps_mean": sum(r["steps"] for r in rows) / len(rows) if rows else math.nan,
+              "terminations": dict(Counter(r["termination"] for r in everything)),
+              "infrastructure_failures": sum(failures.values()), "infrastructure_failure_kinds": dict(failures),
+              "dropped_groups": int(dropped),
               "quota_refusals": sum(r["quota_refusals"] for r in rows),
-              "expert_cost_usd": sum(r["expert_cost"] for r in rows),
+              "expert_cost_usd": sum(r["expert_cost"] for r in everything),
               "reused_trajectories": int(reused), "zero_variance_groups": int(zero_variance),
               "masked_trajectories": int(masked), "generated_tokens": int(generated),
               "rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9),
