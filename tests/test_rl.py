@@ -127,6 +127,57 @@ def test_kill_mid_rollout_then_resume_reuses_finished_trajectories(models, one_r
     assert all(torch.allclose(want[k], got[k], rtol=0, atol=1e-6) for k in want)
 
 
+def test_a_fresh_start_never_reuses_stored_rollouts(models, tmp_path, capsys):
+    """Without --resume, a folder that holds stored rollouts is refused, and nothing in it is deleted."""
+    from protege.engine.train import main
+    stored = tmp_path / "run" / "rollouts" / "step_1.jsonl"
+    stored.parent.mkdir(parents=True)
+    stored.write_text('{"step": 1}\n')
+    code = main(["--config", str(CONFIG), *overrides(models, tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds another run's stored rollouts (step_1.jsonl): pass --resume" in err, err
+    assert stored.read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("change, differs", [
+    (["seed=1"], "seed: 0 there, 1 now"),
+    (["rl.temperature=0.7"], "sampling.temperature: 1.0 there, 0.7 now"),
+    (["rl.max_steps=5"], "agent.max_steps: 4 there, 5 now"),
+    (['rl.stages=["1-3", "4-160"]'], "reward.stages: ['1-2', '3-160'] there, ['1-3', '4-160'] now"),
+    (["TASKS"], "tasks.sha256: "),
+    (["MODEL"], "model.path: "),
+])
+def test_resume_reuses_stored_rollouts_only_of_the_same_run(models, tmp_path, capsys, change, differs):
+    """--resume checks the run's identity (task file content, model, sampling, agent and reward settings,
+    seed) against the one stored with the rollouts, and names what differs."""
+    from protege.engine.train import main
+    from protege.engine.training.config import curriculum, load_config
+    from protege.engine.training.rl import IDENTITY, _check_stored_identity, run_identity
+    from protege.rollout.tasks import BUNDLED_JSONL
+    out = tmp_path / "run"
+    tasks = tmp_path / "tasks.jsonl"
+    lines = BUNDLED_JSONL.read_text().splitlines(keepends=True)
+    rows = [json.loads(line) for line in lines]
+    for row in rows:   # a task's source directory is relative to its task file
+        row["source"] = str((BUNDLED_JSONL.parent / row["source"]).resolve())
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = overrides(models, out, f"rl.tasks={json.dumps(str(tasks))}")
+    cfg = load_config(CONFIG, first)
+    (out / "rollouts").mkdir(parents=True)
+    (out / "rollouts" / IDENTITY).write_text(json.dumps(run_identity(cfg, str(models[0]), curriculum(cfg.rl))))
+    (out / "rollouts" / "step_1.jsonl").write_text('{"step": 1}\n')
+    _check_stored_identity(out, run_identity(cfg, str(models[0]), curriculum(cfg.rl)))   # the same run: reused
+    if change == ["TASKS"]:
+        tasks.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))   # one task fewer, same file name
+        change = []
+    elif change == ["MODEL"]:
+        change = [f"model.path={json.dumps(str(models[1]))}", f"data.tokenizer={json.dumps(str(models[0]))}"]
+    code = main(["--config", str(CONFIG), *first, *change, "--resume"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--resume: " in err and "stored rollouts of another run" in err and differs in err, err
+    assert (out / "rollouts" / "step_1.jsonl").read_text() == '{"step": 1}\n'
+
+
 @pytest.mark.parametrize("extra, problem", [
     (["rl.group_size=1"], "rl.group_size must be >= 2"),
     (['rl.stages=["1-80", "70-160"]'], "rl.stages"),

@@ -5,10 +5,12 @@ groups. In rollout mode every trajectory of the rank runs at once (a thread each
 its model turns decoded together by the in-process sampler with a seed derived from (run seed, step, task
 slot, sample, turn). Each finished trajectory is judged, evaluated in a fresh environment, scored with the
 curriculum stage of the step and appended to rollouts/step_N.jsonl. Then group advantages, and mini-batch
-updates of the clipped token-level loss on the policy's own tokens (engine/training/grpo.py). A resumed
-step reuses the trajectories its file already holds and re-runs the others with the same seeds."""
+updates of the clipped token-level loss on the policy's own tokens (engine/training/grpo.py). A step resumed
+with --resume reuses the trajectories its file already holds and re-runs the others with the same seeds;
+rollouts/identity.json (run_identity) must match the run, and a fresh start never reuses stored rollouts."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,7 +18,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,12 +112,16 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     rl, t = cfg.rl, cfg.train
     run_dir = Path(cfg.output_dir)
     checkpoint = resume_point(run_dir, resume, runtime)
+    _refuse_fresh_start_over_rollouts(run_dir, resume)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stages = curriculum(rl)
     tasks = _load_tasks(rl.tasks)
     base = cfg.model.path or str(_tiny_base(run_dir / "base-model", cfg.seed, runtime))
     tokenizer = Tokenizer.from_dir(cfg.data.tokenizer or base)
+    identity = run_identity(cfg, base, stages)
+    if resume:
+        _check_stored_identity(run_dir, identity)
 
     dtype, compute_dtype = training_dtypes(cfg.model, runtime.device)
     model, root = build_training_model(base, dtype, compute_dtype, runtime,
@@ -137,6 +143,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "rollouts").mkdir(exist_ok=True)
+        (run_dir / "rollouts" / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
         save_config(cfg, run_dir / "config.json")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if checkpoint is not None else None)
         print(f"GRPO: {len(tasks)} tasks, {rl.prompts_per_step} x {rl.group_size} trajectories per step, "
@@ -293,8 +300,67 @@ def _expert(rl):
     return NoExpert()
 
 
+IDENTITY = "identity.json"   # in rollouts/: what the stored rollouts are rollouts of
+
+
+def run_identity(cfg: TrainConfig, base: str, stages) -> dict:
+    """What a stored rollout depends on, so that only the same run reuses it: the task file's content, the
+    starting model (its path, config.json and weight files' sizes: hashing the weights would take minutes),
+    tokenizer, seed, sampling, agent and reward settings, and how tasks form groups."""
+    rl, base_dir = cfg.rl, Path(base).resolve()
+    tasks = Path(rl.tasks or BUNDLED_JSONL)
+    weights = {p.name: p.stat().st_size for p in sorted(base_dir.glob("*.safetensors"))}
+    return {"tasks": {"file": str(tasks.resolve()), "sha256": hashlib.sha256(tasks.read_bytes()).hexdigest()},
+            "model": {"path": str(base_dir), "config_sha256": hashlib.sha256((base_dir / "config.json").read_bytes())
+                      .hexdigest(), "weight_bytes": weights, "dtype": cfg.model.dtype,
+                      "compute_dtype": cfg.model.compute_dtype, "exact": cfg.model.exact},
+            "tokenizer": str(Path(cfg.data.tokenizer or base).resolve()), "seed": cfg.seed,
+            "sampling": {"temperature": rl.temperature, "top_p": rl.top_p, "max_turn_tokens": rl.max_turn_tokens},
+            "agent": {k: getattr(rl, k) for k in ("max_steps", "max_context_tokens", "max_seconds", "command_timeout_s",
+                                                  "expert", "expert_model", "expert_quota", "expert_budget_usd")},
+            "reward": {"stages": list(rl.stages), "configs": [asdict(s.reward) for s in stages.stages]},
+            "groups": {"prompts_per_step": rl.prompts_per_step, "group_size": rl.group_size}}
+
+
+def _refuse_fresh_start_over_rollouts(run_dir: Path, resume: bool) -> None:
+    stored = sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+    if stored and not resume:
+        raise ConfigError(f"{run_dir / 'rollouts'} holds another run's stored rollouts ({', '.join(stored[:3])}"
+                          f"{' ...' if len(stored) > 3 else ''}): pass --resume to continue that run, or choose "
+                          f"another output_dir (nothing was deleted)")
+
+
+def _check_stored_identity(run_dir: Path, identity: dict) -> None:
+    """--resume: stored rollouts are reused only when the run is the one that stored them."""
+    stored = sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+    if not stored:
+        return
+    path = run_dir / "rollouts" / IDENTITY
+    try:
+        before = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing, so the stored rollouts ({stored[0]} ...) cannot be checked to "
+                          f"be this run's; resume with the version that wrote them, or choose another output_dir"
+                          ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items()
+                for k, v in (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+                             else [(f"{prefix}{key}", value)])}
+
+    old, new = flat(before), flat(json.loads(json.dumps(identity)))   # as stored: lists, not tuples
+    differ = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k)]
+    if differ:
+        raise ConfigError(f"--resume: {run_dir} stored rollouts of another run ({'; '.join(differ)}); resume with the "
+                          f"settings that stored them, or choose another output_dir")
+
+
 def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, int], Rollout]:
-    """The trajectories of this step already finished by an interrupted run (a torn last line is skipped)."""
+    """The trajectories of this step already finished by an interrupted run (a torn last line is skipped);
+    run_grpo has checked they are this run's (run_identity)."""
     found = {}
     if not path.is_file():
         return found
