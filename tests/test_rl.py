@@ -201,6 +201,31 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     assert code in (1, 2) and problem in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_every_mini_batchs_ratio_is_relative_to_the_behaviour_policy(monkeypatch, exact):
+    """rl.mini_batches = 2: the second mini-batch's old log-probs are those of the weights that sampled (fast
+    mode: the trainer's, computed before the first update; exact mode: the sampler's), not of the weights the
+    first mini-batch moved; its ratio therefore differs from 1."""
+    from protege.engine.training import rl
+    from protege.engine.training.rl import TokenLogprobs, _micro_batches
+    model = tiny_exact_model()
+    model.exact = exact
+    samples = sampled(model, 1.0, advantages=(1.0, -1.0))
+    with torch.no_grad():   # the behaviour policy's log-probs of the second mini-batch (samples[1::2])
+        [second] = _micro_batches(samples[1::2], 64, torch.device("cpu"))
+        behaviour, _ = TokenLogprobs(model)(second.input_ids, second.cu_seqlens, second.rows, second.targets,
+                                            temperature=1.0)
+    seen = []
+    real = rl.policy_loss
+    monkeypatch.setattr(rl, "policy_loss", lambda logp, old, *a, **kw: seen.append((logp.detach(), old)) or
+                        real(logp, old, *a, **kw))
+    stats = grpo_update(model, samples, mini_batches=2, recompute_logprobs=True, tis_cap=2.0)
+    assert stats["updates"] == 2 and len(seen) == 2
+    logp, old = seen[1]
+    assert torch.equal(old, behaviour if not exact else second.sampler_logprobs)
+    assert not torch.equal(logp, old)   # the first update moved the weights: the ratio is not 1
+
+
 def test_rl_defaults_are_the_methods():
     """config.py's RL defaults and the 7B config are method.md's: G = 6, clip 0.2 / 0.28, KL coefficient 0.001."""
     from protege.engine.training.config import RLSection, load_config

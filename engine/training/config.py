@@ -96,7 +96,8 @@ class RLSection:
     reference: str = ""             # the frozen reference (default: model.path, the SFT checkpoint)
     reference_offload: bool = False  # its shards in CPU memory, brought to the GPU a layer at a time
     mini_batches: int = 1           # optimizer steps per RL step
-    recompute_logprobs: bool = True   # fast mode: old log-probs from the trainer (exact mode: the sampler's)
+    recompute_logprobs: bool = True   # fast mode: old log-probs from the trainer, with the rollout weights once
+                                      # before any update (exact mode: the sampler's)
     tis_cap: float = 2.0            # truncated importance weight on trainer/sampler probability (0: off)
     kv_cache_fraction: float = 0.8  # of the memory free when the pool is built (CUDA)
 

@@ -468,21 +468,28 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
     mismatch_max = 0.0
     use_sampler_old = cfg.model.exact or not rl.recompute_logprobs
     T = rl.temperature   # the sampler's log-probs are of softmax(z / T): the trainer's must be too
+    # The old log-probs are the behaviour policy's (the weights that sampled) in every mini-batch: the sampler's
+    # own (exact mode: bitwise the trainer's; or recompute_logprobs off), or in fast mode the trainer's, computed
+    # ONCE with the rollout weights before the first update -- never from weights an earlier mini-batch moved --
+    # with the truncated importance weight correcting for the sampler's numerics.
+    passes = []
     for k in range(rl.mini_batches):
-        part = samples[k::rl.mini_batches]
-        batches = _micro_batches(part, t.micro_batch_tokens, device)
+        batches = _micro_batches(samples[k::rl.mini_batches], t.micro_batch_tokens, device)
         most, = all_reduce([len(batches)], "max", runtime)
         batches += [_placeholder(device) for _ in range(int(most) - len(batches))]
         tokens, = all_reduce([float(sum(len(b.rows) for b in batches))], "sum", runtime)
+        old = []
+        if tokens and not use_sampler_old:
+            with torch.no_grad():
+                old = [root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0] for b in batches]
+        passes.append((batches, tokens, old))
+    for k, (batches, tokens, old) in enumerate(passes):
         if tokens == 0:
             continue
-        old, ref = [], []
-        with torch.no_grad():
-            for b in batches:
-                if not use_sampler_old:
-                    old.append(root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0])
-                if reference is not None:   # the KL compares the two policies at the temperature sampled with
-                    ref.append(reference(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0])
+        ref = []
+        if reference is not None:   # the KL compares the two policies at the temperature sampled with
+            with torch.no_grad():
+                ref = [reference(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0] for b in batches]
         for j, b in enumerate(batches):
             logp, entropy = root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)
             old_j = b.sampler_logprobs if use_sampler_old else old[j]
