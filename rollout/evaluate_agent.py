@@ -204,6 +204,7 @@ def record(traj: Trajectory, seconds: float, policy_cost: float) -> dict:
             "judge_cost_usd": sum(c.judge_cost_usd for c in traj.expert_calls),
             "longest_streak": max(streaks, default=0), "patch": traj.final_patch,
             "patch_applied": (traj.evaluation or {}).get("patch_applied"), "error": traj.error,
+            "infrastructure_error": traj.infrastructure_error,
             "eval_error": (traj.evaluation or {}).get("error"), "seconds": round(seconds, 2)}
 
 

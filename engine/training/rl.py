@@ -546,7 +546,8 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
               "expert_tokens": r.trajectory.expert_tokens, "total_tokens": r.trajectory.total_tokens,
               "policy_tokens": r.trajectory.policy_tokens, "expert_cost": r.trajectory.expert_cost_usd,
               "quota_refusals": sum(c.refused for c in r.trajectory.expert_calls),
-              "infrastructure": (r.trajectory.infrastructure_error or "").partition(":")[0] or None} for r in mine]
+              "infrastructure": None if r.trajectory.infrastructure_error is None   # its kind, e.g. "sampler"
+              else r.trajectory.infrastructure_error.partition(":")[0]} for r in mine]
     counters = [reused, counts["zero_variance_groups"], counts["masked_trajectories"], counts["dropped_groups"],
                 stats.generated_tokens - stats_before.generated_tokens,
                 stats.cached_tokens - stats_before.cached_tokens,
