@@ -174,7 +174,7 @@ def test_resume_reuses_stored_rollouts_only_of_the_same_run(models, tmp_path, ca
         change = [f"model.path={json.dumps(str(models[1]))}", f"data.tokenizer={json.dumps(str(models[0]))}"]
     code = main(["--config", str(CONFIG), *first, *change, "--resume"])
     err = capsys.readouterr().err
-    assert code == 1 and "--resume: " in err and "stored rollouts of another run" in err and differs in err, err
+    assert code == 1 and "--resume: " in err and "holds another run's rollouts" in err and differs in err, err
     assert (out / "rollouts" / "step_1.jsonl").read_text() == '{"step": 1}\n'
 
 

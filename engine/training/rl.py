@@ -310,7 +310,7 @@ def run_identity(cfg: TrainConfig, base: str, stages) -> dict:
     rl, base_dir = cfg.rl, Path(base).resolve()
     tasks = Path(rl.tasks or BUNDLED_JSONL)
     weights = {p.name: p.stat().st_size for p in sorted(base_dir.glob("*.safetensors"))}
-    return {"tasks": {"file": str(tasks.resolve()), "sha256": hashlib.sha256(tasks.read_bytes()).hexdigest()},
+    return {"tasks": {"sha256": hashlib.sha256(tasks.read_bytes()).hexdigest()},   # the content, wherever it is
             "model": {"path": str(base_dir), "config_sha256": hashlib.sha256((base_dir / "config.json").read_bytes())
                       .hexdigest(), "weight_bytes": weights, "dtype": cfg.model.dtype,
                       "compute_dtype": cfg.model.compute_dtype, "exact": cfg.model.exact},
@@ -354,8 +354,8 @@ def _check_stored_identity(run_dir: Path, identity: dict) -> None:
     differ = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
               if old.get(k) != new.get(k)]
     if differ:
-        raise ConfigError(f"--resume: {run_dir} stored rollouts of another run ({'; '.join(differ)}); resume with the "
-                          f"settings that stored them, or choose another output_dir")
+        raise ConfigError(f"--resume: {run_dir / 'rollouts'} holds another run's rollouts ({'; '.join(differ)}); "
+                          f"resume with the settings that stored them, or choose another output_dir")
 
 
 def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, int], Rollout]:
