@@ -222,7 +222,8 @@ def test_sampler_policy_seeded_attempts_replay_and_differ(tmp_path, sandbox_read
     assert tokens == generated(second)
     assert tokens[0] != tokens[1] and all(1 <= len(turn) <= 6 for turns in tokens for turn in turns)
     report = json.loads((tmp_path / "a/report.json").read_text())["model"]
-    assert report["attempts"] == 2 and report["pass@2"] == 0.0 and report["termination"] == {"context": 2}
+    # Random weights never write <|im_end|>: each run's first turn is cut at --max-turn-tokens 6.
+    assert report["attempts"] == 2 and report["pass@2"] == 0.0 and report["termination"] == {"max_turn_tokens": 2}
     assert (tmp_path / "a/predictions.attempt1.jsonl").is_file()
 
 
