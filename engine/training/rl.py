@@ -28,6 +28,7 @@ from torch import nn
 from protege.kernels import dispatch as kernels
 from protege.rewards.shaping import RewardBreakdown, score as shaped_score
 from protege.rewards.stats import aggregate
+from protege.engine.checkpoint import write_atomically
 from protege.engine.config import ModelConfig
 from protege.engine.model import Qwen2ForCausalLM
 from protege.engine.tokenizer import Tokenizer
@@ -143,7 +144,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "rollouts").mkdir(exist_ok=True)
-        (run_dir / "rollouts" / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
+        write_atomically(str(run_dir / "rollouts" / IDENTITY),   # a crash never leaves it torn
+                         lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=2) + "\n"))
         save_config(cfg, run_dir / "config.json")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if checkpoint is not None else None)
         print(f"GRPO: {len(tasks)} tasks, {rl.prompts_per_step} x {rl.group_size} trajectories per step, "
