@@ -875,7 +875,7 @@ def section_grpo(suite: Suite, sec: Section):
         total = sum(len(s.rows) for s in samples)
         diffs, losses = [], []
         for batch in _micro_batches(samples, 4096, suite.device):
-            logp, _ = root(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets)
+            logp, _ = root(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets, temperature=1.0)
             loss, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp),
                                       num_tokens=total)
             loss.backward()

@@ -36,8 +36,9 @@ from protege.rollout.tasks import Task, TaskFormatError, load_tasks
 POLICIES = ("sampler", "anthropic", "scripted", "empty")
 EXPERTS = ("oracle", "anthropic", "none")
 # What must match for a rerun to continue a run instead of mixing two different ones.
-RUN_KEYS = ("tasks_file", "policy", "checkpoint", "expert", "attempts", "temperature", "seed", "max_steps",
-            "expert_budget_usd", "expert_quota", "expert_recent_messages", "max_context_tokens", "backend", "limit")
+RUN_KEYS = ("tasks_file", "policy", "checkpoint", "expert", "expert_model", "policy_model", "attempts", "temperature",
+            "seed", "max_steps", "max_turn_tokens", "expert_budget_usd", "expert_quota", "expert_recent_messages",
+            "max_context_tokens", "command_timeout_s", "no_judge", "backend", "limit")
 
 
 class InputError(Exception):
@@ -90,11 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_settings(args) -> dict:
     return {"tasks_file": str(Path(args.tasks).resolve()), "policy": args.policy,
             "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-            "expert": args.expert, "attempts": args.attempts,
+            "expert": args.expert, "expert_model": args.anthropic_model if args.expert == "anthropic" else None,
+            "policy_model": args.anthropic_model if args.policy == "anthropic" else None, "attempts": args.attempts,
             "temperature": args.temperature if args.policy == "sampler" else None,
             "seed": args.seed if args.policy == "sampler" else None, "max_steps": args.max_steps,
+            "max_turn_tokens": args.max_turn_tokens if args.policy == "sampler" else None,
             "expert_budget_usd": args.expert_budget, "expert_quota": 0 if args.expert == "none" else args.expert_quota,
             "expert_recent_messages": args.expert_recent_messages, "max_context_tokens": args.max_context_tokens,
+            "command_timeout_s": args.command_timeout, "no_judge": args.no_judge,
             "backend": args.backend, "limit": args.limit, "name": model_name(args)}
 
 
@@ -201,6 +205,7 @@ def record(traj: Trajectory, seconds: float, policy_cost: float) -> dict:
             "judge_cost_usd": sum(c.judge_cost_usd for c in traj.expert_calls),
             "longest_streak": max(streaks, default=0), "patch": traj.final_patch,
             "patch_applied": (traj.evaluation or {}).get("patch_applied"), "error": traj.error,
+            "infrastructure_error": traj.infrastructure_error,
             "eval_error": (traj.evaluation or {}).get("error"), "seconds": round(seconds, 2)}
 
 

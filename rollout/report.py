@@ -4,7 +4,7 @@ table and the same plots.
 
     python -m protege.rollout.report runs/sft runs/rl --out runs/compare [--names SFT RL]
 
-Figures: Pass@1 (mean over attempts, with a 95% Wilson interval over all attempts), Pass@k when a run made
+Figures: Pass@1 (mean over attempts, with a 95% interval that clusters a task's attempts), Pass@k when a run made
 k > 1 attempts, expert calls per task, expert token share (expert guidance tokens / all context tokens),
 cost per task, steps per trajectory, the share of trajectories whose longest streak of identical
 normalised actions is longer than 10, 20 and 40 (the paper's loop figure), termination reasons."""
@@ -29,12 +29,29 @@ LOOP_THRESHOLDS = (10, 20, 40)
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion (sound at 0 and n successes, unlike the normal one)."""
-    if n == 0:
-        return 0.0, 0.0
-    p = successes / n
+    return _wilson(successes / n, n, z) if n else (0.0, 0.0)
+
+
+def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_interval(rates: list[float], n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of Pass@1, the mean of T tasks' resolve rates, with a task's attempts clustered (they share
+    the task's difficulty, so they are not independent): the Wilson interval at the effective sample size
+    n_eff = p (1 - p) / SE^2, SE the cluster-robust standard error of the mean of the rates (their sample
+    standard deviation / sqrt(T)), kept within [T, n] (n attempts in all): at most every attempt independent,
+    at least one observation per task (also n_eff at p = 0 or 1, where SE is 0). One attempt per task: the
+    Wilson interval over the T tasks."""
+    tasks = len(rates)
+    if tasks == 0:
+        return 0.0, 0.0
+    p = statistics.fmean(rates)
+    variance = sum((r - p) ** 2 for r in rates) / (tasks * (tasks - 1)) if tasks > 1 else 0.0
+    n_eff = p * (1 - p) / variance if variance > 0 else n if 0 < p < 1 else tasks
+    return _wilson(p, min(max(n_eff, tasks), n), z)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -53,13 +70,14 @@ def summarize(records: list[dict]) -> dict:
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["instance_id"], []).append(r)
-    low, high = wilson_interval(resolved, n)
+    rates = [sum(bool(r["resolved"]) for r in v) / len(v) for v in by_task.values()]
+    low, high = clustered_interval(rates, n)
     attempts = min(len(v) for v in by_task.values())
     total_tokens = sum(r["tokens"]["total"] for r in records)
     out = {
         "tasks": len(by_task), "trajectories": n, "attempts": attempts,
         "resolved": resolved,
-        "pass@1": statistics.fmean(sum(bool(r["resolved"]) for r in v) / len(v) for v in by_task.values()),
+        "pass@1": statistics.fmean(rates),
         "pass@1_ci95": [low, high],
         "expert_calls_per_task": statistics.fmean(r["expert_calls"] for r in records),
         "expert_token_share": sum(r["tokens"]["expert"] for r in records) / total_tokens if total_tokens else 0.0,
@@ -130,7 +148,7 @@ def _plots(runs: list[tuple[str, list[dict], dict]], out: Path) -> list[tuple[st
     bars(ax, [100 * r for r in rates], names, lambda v: f"{v:.1f}%", errors=[[100 * e for e in row] for row in errors])
     ax.set_ylabel("resolved (%)")
     ax.set_ylim(0, 110)
-    ax.set_title("Pass@1 (95% Wilson interval)")
+    ax.set_title("Pass@1 (95% interval, clustered by task)")
     save(fig, "resolve_rate.png", "Resolve rate")
 
     def histogram(key: str, filename: str, title: str, xlabel: str, bins) -> None:
@@ -215,9 +233,10 @@ def write_report(runs: list[tuple[str, list[dict]]], out: str | os.PathLike, set
     lines = ["# Evaluation report", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              *("| " + " | ".join(_row(name, s)) + " |" for name, _, s in full), ""]
-    lines += ["Pass@1 is the mean resolve rate over attempts; its interval is the 95% Wilson score interval over "
-              "all attempts. Expert token share: tokens of expert guidance in the agent's context / all context "
-              "tokens. Cost: expert and policy API spend (the hidden judge's is not charged to the task). "
+    lines += ["Pass@1 is the mean resolve rate over attempts; its interval is the 95% Wilson score interval at the "
+              "effective sample size of the cluster-robust standard error (a task's attempts are not independent; "
+              "between one observation per task and one per attempt). Expert token share: tokens of expert "
+              "guidance in the agent's context / all context tokens. Cost: expert and policy API spend (the hidden judge's is not charged to the task). "
               "A streak is a run of identical normalised actions.", ""]
     if settings:
         lines += ["## Settings", ""]

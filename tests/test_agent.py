@@ -133,6 +133,42 @@ def test_nul_in_a_command_or_path_is_an_error_observation_not_the_end(task, env,
 def test_max_steps(task, env, tok):
     traj = run_agent(task, env, scripted(*[bash("ls")] * 10), OracleExpert(), tok, AgentConfig(max_steps=3))
     assert traj.termination == "max_steps" and traj.steps == 3 and len(traj.actions) == 3
+    assert traj.infrastructure_error is None   # the policy's own ending
+
+
+def test_infrastructure_failures_are_recorded_as_such(task, tok, server, sandbox_ready):
+    """The environment that does not start, the evaluator that raises, the judge that cannot be reached: each
+    is recorded on the trajectory as the infrastructure's failure; a bad call, a loop, its own command's timeout
+    are the policy's (None)."""
+    def no_env(task):
+        raise RuntimeError("image missing")
+
+    def broken_evaluator(task, patch):
+        raise OSError("evaluation container died")
+
+    [start] = run_batch([Job(task, scripted())], no_env, OracleExpert(), tok, evaluate=lambda t, p: {"resolved": 1})
+    assert start.termination == "error" and start.resolved is False
+    assert start.infrastructure_error == "environment start: RuntimeError: image missing"
+    def own():   # a bad call, the same command looping into its timeout, an edit (a patch to evaluate)
+        return scripted(("not_a_tool", {}), *[bash("sleep 5")] * 3,
+                        Step(tools.EDITOR, {"command": "create", "path": "search/new.py", "file_text": "x = 1\n"}))
+
+    [evaluated] = run_batch([Job(task, own())], sandbox, OracleExpert(), tok, AgentConfig(command_timeout_s=0.2),
+                            evaluate=broken_evaluator)
+    assert evaluated.termination == "submitted" and evaluated.resolved is False
+    assert evaluated.infrastructure_error == "evaluator: OSError: evaluation container died"
+    [ok] = run_batch([Job(task, own())], sandbox, OracleExpert(), tok, AgentConfig(command_timeout_s=0.2),
+                     evaluate=lambda t, p: {"resolved": False})
+    assert [a.exit_code for a in ok.actions[1:4]] == [124] * 3 and ok.actions[0].error is not None
+    assert ok.infrastructure_error is None   # a bad call, a loop, its own command's timeouts: the policy's
+    server.script(Reply(text="hint"), *[Reply(status=529)] * 3)   # the answer, then the judge unreachable
+    env = sandbox(task)
+    try:
+        judged = run_agent(task, env, scripted(ASK), anthropic_expert(server, max_retries=2), tok)
+    finally:
+        env.close()
+    assert judged.termination == "submitted" and judged.expert_calls[0].judge_fallback
+    assert judged.infrastructure_error.startswith("judge: judge unavailable:")
 
 
 def test_context_limit(task, env, tok):
@@ -304,6 +340,25 @@ def test_a_turn_ending_in_endoftext_ends_the_run_as_eos_not_context(task, env, t
     assert last.token_ids[-1] == tokenizer.endoftext_id and last.loss_mask.count(1) == 1
 
 
+def test_a_turn_cut_by_max_turn_tokens_is_its_own_termination_not_context(task, env, tmp_path):
+    """A generation cut by the per-turn cap with room left ends the run as max_turn_tokens; one cut because
+    the context is full ends it as context."""
+    tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
+    sampler = Sampler(im_end_model(tokenizer, tokenizer.encode("find")[0]), num_blocks=256,
+                      eos_token_ids=tokenizer.eos_ids)   # never ends a turn
+    policy = SamplerPolicy(sampler, SamplingParams(temperature=0, max_tokens=4))
+    try:
+        capped = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=3, judge=False))
+        prompt = len(capped.input_ids()) - 4   # the system and task turns and the generation prompt
+        full = run_agent(task, env, policy, OracleExpert(), tokenizer,
+                         AgentConfig(max_steps=3, max_context_tokens=prompt + 2, judge=False))
+    finally:
+        policy.close()
+    assert capped.termination == "max_turn_tokens" and capped.steps == 1 and capped.error is None
+    assert capped.messages[-1].loss_mask.count(1) == 4
+    assert full.termination == "context" and full.steps == 1 and full.messages[-1].loss_mask.count(1) == 2
+
+
 def test_a_failing_sampler_step_fails_its_turns_and_leaves_the_sampler_usable(task, env, tmp_path):
     tokenizer = train_bpe_tokenizer(["find the index of the target in the sorted list"] * 4, 400, tmp_path)
 
@@ -322,13 +377,14 @@ def test_a_failing_sampler_step_fails_its_turns_and_leaves_the_sampler_usable(ta
     try:
         failed = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=2, judge=False))
         assert failed.termination == "error" and "device lost" in failed.error
+        assert failed.infrastructure_error.startswith("sampler: sampler step failed: RuntimeError: device lost")
         assert not sampler.has_unfinished()
         sampler.release()                 # raised "requests are still running" before
         sampler.new_weight_version()
         ok = run_agent(task, env, policy, OracleExpert(), tokenizer, AgentConfig(max_steps=2, judge=False))
     finally:
         policy.close()
-    assert ok.termination == "max_steps" and ok.steps == 2
+    assert ok.termination == "max_steps" and ok.steps == 2 and ok.infrastructure_error is None
 
 
 def test_sampler_policy_prompts_are_append_only(task, env, tmp_path):

@@ -3,6 +3,7 @@ report, resuming after kill -9, and refusing bad input before any work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,11 +149,49 @@ def test_a_rerun_with_other_settings_is_refused(gold_run, capsys):
     assert "holds a run with other settings (policy: 'scripted' there, 'empty' now" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, key", [
+    (["--anthropic-model", "claude-other"], "expert_model"), (["--max-turn-tokens", "64"], "max_turn_tokens"),
+    (["--command-timeout", "30"], "command_timeout_s"), (["--no-judge"], "no_judge")])
+def test_a_rerun_with_another_agent_setting_is_refused(tmp_path, capsys, change, key):
+    """Every setting that changes what an attempt does is part of run.json: a rerun cannot mix two runs."""
+    from protege.rollout.evaluate_agent import parse_args, run_settings
+    out = tmp_path / "run"
+    first = ["--tasks", str(TASKS), "--policy", "sampler", "--checkpoint", str(tmp_path / "ckpt"),
+             "--expert", "anthropic", "--backend", "sandbox", "--out", str(out), *LIMIT]
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(run_settings(parse_args(first))))
+    assert main(first + change) == 2
+    assert f"holds a run with other settings ({key}: " in capsys.readouterr().err
+
+
 def test_interval_and_pass_at_k():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     low, high = wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(4, 1, 2) == pytest.approx(0.5)
+
+
+def test_pass_at_1_interval_clusters_attempts_by_task():
+    """Worked by hand: 4 tasks x 2 attempts resolved 2, 0, 1, 1 times. Pass@1 = 0.5; the task rates' deviations
+    0.5, -0.5, 0, 0 give SE^2 = 0.5 / (4 * 3) = 1/24, n_eff = 0.25 / (1/24) = 6: the Wilson interval at n = 6,
+    wider than the one that takes the 8 attempts as independent."""
+    from protege.rollout.report import clustered_interval, summarize
+    z = 1.96
+    half = z * math.sqrt(0.25 / 6 + z * z / 144) / (1 + z * z / 6)   # centre (0.5 + z^2/12) / (1 + z^2/6) = 0.5
+    records = [{"instance_id": task, "attempt": a, "resolved": a < wins, "tokens": {"total": 1, "expert": 0},
+                "expert_calls": 0, "cost_usd": 0.0, "steps": 1, "termination": "submitted", "longest_streak": 0}
+               for task, wins in (("A", 2), ("B", 0), ("C", 1), ("D", 1)) for a in range(2)]
+    s = summarize(records)
+    assert s["pass@1"] == 0.5 and s["pass@1_ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-12)
+    assert 0.5 + half > wilson_interval(4, 8)[1] + 0.02
+    # 2 tasks resolved 2/2 and 0/2: SE^2 = 0.25, n_eff = 1, held at one observation per task (n = 2).
+    assert clustered_interval([1.0, 0.0], 4) == pytest.approx(wilson_interval(1, 2), abs=1e-12)
+    # None resolved in 3 tasks x 4 attempts: SE = 0, n = the 3 tasks (upper z^2/3 / (1 + z^2/3)), not 12.
+    assert clustered_interval([0.0] * 3, 12) == pytest.approx((0.0, (z * z / 3) / (1 + z * z / 3)), abs=1e-12)
+    # Every task at 1/2: no spread between tasks, the attempts count as independent.
+    assert clustered_interval([0.5, 0.5], 4) == pytest.approx(wilson_interval(2, 4), abs=1e-12)
+    # One attempt per task: the Wilson interval over the tasks (SE^2 = 1.2 / 20, n_eff = 4, held at 5).
+    assert clustered_interval([1.0, 0.0, 0.0, 1.0, 1.0], 5) == pytest.approx(wilson_interval(3, 5), abs=1e-12)
 
 
 def test_sampler_policy_seeded_attempts_replay_and_differ(tmp_path, sandbox_ready):
@@ -183,7 +222,8 @@ def test_sampler_policy_seeded_attempts_replay_and_differ(tmp_path, sandbox_read
     assert tokens == generated(second)
     assert tokens[0] != tokens[1] and all(1 <= len(turn) <= 6 for turns in tokens for turn in turns)
     report = json.loads((tmp_path / "a/report.json").read_text())["model"]
-    assert report["attempts"] == 2 and report["pass@2"] == 0.0 and report["termination"] == {"context": 2}
+    # Random weights never write <|im_end|>: each run's first turn is cut at --max-turn-tokens 6.
+    assert report["attempts"] == 2 and report["pass@2"] == 0.0 and report["termination"] == {"max_turn_tokens": 2}
     assert (tmp_path / "a/predictions.attempt1.jsonl").is_file()
 
 

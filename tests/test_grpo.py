@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from protege.engine.training.grpo import group_advantages, policy_loss
+from protege.engine.training.grpo import group_advantages, policy_loss, usable_groups
 
 
 def test_group_advantages_by_hand():
@@ -17,6 +17,26 @@ def test_group_advantages_by_hand():
     assert a.tolist() == pytest.approx(expected, abs=1e-6)
     assert group_advantages(torch.tensor([0.0, 1.0]), 2).tolist() == pytest.approx(
         [-0.5 / (math.sqrt(0.5) + 1e-6), 0.5 / (math.sqrt(0.5) + 1e-6)])
+
+
+def test_group_advantages_over_the_valid_members_by_hand():
+    # a: [1, 2, 3 | -10.5 invalid]: mean 2, unbiased std 1 over the valid three -> (-1, 0, 1), the invalid 0.
+    # b: [0 | nan | 4 | -0.5], 0 and 4 valid: mean 2, std sqrt((4 + 4) / 1) -> (-2/sqrt(8), 0, 2/sqrt(8), 0);
+    #    the nan never reaches a mean. c: valid rewards all 7 -> all 0. d: one valid member -> all 0, not usable.
+    T, F = True, False
+    rewards = torch.tensor([1.0, 2.0, 3.0, -10.5, 0.0, math.nan, 4.0, -0.5, 7.0, 7.0, -10.5, 7.0, 5.0, -0.5, -0.5, -0.5],
+                           dtype=torch.float64)
+    valid = torch.tensor([T, T, T, F, T, F, T, F, T, T, F, T, T, F, F, F])
+    a = group_advantages(rewards, 4, eps=0.0, valid=valid)
+    s8 = math.sqrt(8)
+    expected = [-1.0, 0.0, 1.0, 0.0, -2 / s8, 0.0, 2 / s8, 0.0] + [0.0] * 8
+    assert a.tolist() == pytest.approx(expected, abs=1e-12)
+    assert usable_groups(valid, 4).tolist() == [True, True, True, False]
+    # Every member valid: the plain group advantage.
+    assert torch.equal(group_advantages(rewards[:3], 3, valid=torch.ones(3, dtype=torch.bool)),
+                       group_advantages(rewards[:3], 3))
+    with pytest.raises(ValueError, match="valid must be a bool mask"):
+        group_advantages(rewards, 4, valid=valid.float())
 
 
 def test_group_advantages_refuses_bad_groups():

@@ -127,11 +127,64 @@ def test_kill_mid_rollout_then_resume_reuses_finished_trajectories(models, one_r
     assert all(torch.allclose(want[k], got[k], rtol=0, atol=1e-6) for k in want)
 
 
+def test_a_fresh_start_never_reuses_stored_rollouts(models, tmp_path, capsys):
+    """Without --resume, a folder that holds stored rollouts is refused, and nothing in it is deleted."""
+    from protege.engine.train import main
+    stored = tmp_path / "run" / "rollouts" / "step_1.jsonl"
+    stored.parent.mkdir(parents=True)
+    stored.write_text('{"step": 1}\n')
+    code = main(["--config", str(CONFIG), *overrides(models, tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds another run's stored rollouts (step_1.jsonl): pass --resume" in err, err
+    assert stored.read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("change, differs", [
+    (["seed=1"], "seed: 0 there, 1 now"),
+    (["rl.temperature=0.7"], "sampling.temperature: 1.0 there, 0.7 now"),
+    (["rl.max_steps=5"], "agent.max_steps: 4 there, 5 now"),
+    (['rl.stages=["1-3", "4-160"]'], "reward.stages: ['1-2', '3-160'] there, ['1-3', '4-160'] now"),
+    (["TASKS"], "tasks.sha256: "),
+    (["MODEL"], "model.path: "),
+])
+def test_resume_reuses_stored_rollouts_only_of_the_same_run(models, tmp_path, capsys, change, differs):
+    """--resume checks the run's identity (task file content, model, sampling, agent and reward settings,
+    seed) against the one stored with the rollouts, and names what differs."""
+    from protege.engine.train import main
+    from protege.engine.training.config import curriculum, load_config
+    from protege.engine.training.rl import IDENTITY, _check_stored_identity, run_identity
+    from protege.rollout.tasks import BUNDLED_JSONL
+    out = tmp_path / "run"
+    tasks = tmp_path / "tasks.jsonl"
+    lines = BUNDLED_JSONL.read_text().splitlines(keepends=True)
+    rows = [json.loads(line) for line in lines]
+    for row in rows:   # a task's source directory is relative to its task file
+        row["source"] = str((BUNDLED_JSONL.parent / row["source"]).resolve())
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = overrides(models, out, f"rl.tasks={json.dumps(str(tasks))}")
+    cfg = load_config(CONFIG, first)
+    (out / "rollouts").mkdir(parents=True)
+    (out / "rollouts" / IDENTITY).write_text(json.dumps(run_identity(cfg, str(models[0]), curriculum(cfg.rl))))
+    (out / "rollouts" / "step_1.jsonl").write_text('{"step": 1}\n')
+    _check_stored_identity(out, run_identity(cfg, str(models[0]), curriculum(cfg.rl)))   # the same run: reused
+    if change == ["TASKS"]:
+        tasks.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))   # one task fewer, same file name
+        change = []
+    elif change == ["MODEL"]:
+        change = [f"model.path={json.dumps(str(models[1]))}", f"data.tokenizer={json.dumps(str(models[0]))}"]
+    code = main(["--config", str(CONFIG), *first, *change, "--resume"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--resume: " in err and "holds another run's rollouts" in err and differs in err, err
+    assert (out / "rollouts" / "step_1.jsonl").read_text() == '{"step": 1}\n'
+
+
 @pytest.mark.parametrize("extra, problem", [
     (["rl.group_size=1"], "rl.group_size must be >= 2"),
     (['rl.stages=["1-80", "70-160"]'], "rl.stages"),
     (["rl.tasks=EMPTY"], "holds no usable task"),
     (["rl.reference=OTHER"], "rl.reference"),
+    (["rl.temperature=0"], "rl.temperature = 0.0: GRPO needs a sampling temperature > 0"),
+    (["rl.temperature=-0.5"], "rl.temperature = -0.5: GRPO needs a sampling temperature > 0"),
 ])
 def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     empty = tmp_path / "empty.jsonl"
@@ -148,34 +201,154 @@ def test_bad_input_is_named(models, tmp_path, capsys, extra, problem):
     assert code in (1, 2) and problem in err and "Traceback" not in err, err
 
 
-def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch):
-    """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
-    sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_every_mini_batchs_ratio_is_relative_to_the_behaviour_policy(monkeypatch, exact):
+    """rl.mini_batches = 2: the second mini-batch's old log-probs are those of the weights that sampled (fast
+    mode: the trainer's, computed before the first update; exact mode: the sampler's), not of the weights the
+    first mini-batch moved; its ratio therefore differs from 1."""
+    from protege.engine.training import rl
+    from protege.engine.training.rl import TokenLogprobs, _micro_batches
+    model = tiny_exact_model()
+    model.exact = exact
+    samples = sampled(model, 1.0, advantages=(1.0, -1.0))
+    with torch.no_grad():   # the behaviour policy's log-probs of the second mini-batch (samples[1::2])
+        [second] = _micro_batches(samples[1::2], 64, torch.device("cpu"))
+        behaviour, _ = TokenLogprobs(model)(second.input_ids, second.cu_seqlens, second.rows, second.targets,
+                                            temperature=1.0)
+    seen = []
+    real = rl.policy_loss
+    monkeypatch.setattr(rl, "policy_loss", lambda logp, old, *a, **kw: seen.append((logp.detach(), old)) or
+                        real(logp, old, *a, **kw))
+    stats = grpo_update(model, samples, mini_batches=2, recompute_logprobs=True, tis_cap=2.0)
+    assert stats["updates"] == 2 and len(seen) == 2
+    logp, old = seen[1]
+    assert torch.equal(old, behaviour if not exact else second.sampler_logprobs)
+    assert not torch.equal(logp, old)   # the first update moved the weights: the ratio is not 1
+
+
+def test_rl_defaults_are_the_methods():
+    """config.py's RL defaults and the 7B config are method.md's: G = 6, clip 0.2 / 0.28, KL coefficient 0.001."""
+    from protege.engine.training.config import RLSection, load_config
+    for rl in (RLSection(), load_config(REPO / "configs" / "grpo-qwen2.5-coder-7b.toml").rl):
+        assert (rl.group_size, rl.eps_low, rl.eps_high, rl.kl_coef) == (6, 0.2, 0.28, 0.001)
+
+
+def scored(slot: int, sample: int, reward: float, infrastructure_error=None, termination="submitted"):
+    """A stored rollout as rl.py holds it: a trajectory with two policy tokens, its real reward breakdown
+    (R_total set to `reward`)."""
+    from protege.engine.training.rl import Rollout
+    from protege.rewards.shaping import RewardConfig, score
+    from protege.rollout.agent.trajectory import Message, Trajectory
+    traj = Trajectory("task", sample, "sampler", "oracle", termination=termination, resolved=False,
+                      infrastructure_error=infrastructure_error,
+                      messages=[Message("user", "u", [1, 2, 3], [0, 0, 0]),
+                                Message("assistant", "a", [4, 5], [1, 1], [-0.5, -0.25])])
+    reward = {**score(traj.reward_input(), RewardConfig(), "I").to_dict(), "R_total": reward}
+    return Rollout(slot, sample, 0, traj, reward)
+
+
+def test_infrastructure_failures_are_never_trained_on_nor_in_a_groups_statistics():
+    """Group 0: an environment that never started (-10.5) beside rewards 1, 0, 0.5: the advantages are those of
+    (1, 0, 0.5) alone -- mean 0.5, std 0.5 -> (1, -1, 0) -- and the failure is no sample. Group 1: three
+    sampler failures leave one valid trajectory: dropped. Group 2: the policy's own failures (an error of its
+    own, out of steps) stay in. The step's metrics count both, and its reward figures are the policy's only."""
+    from types import SimpleNamespace
+    from protege.engine.training.parallelize import SwitchStats
+    from protege.engine.training.rl import _metrics, _training_samples
+    from protege.engine.training.runtime import Runtime
+    from protege.rollout.sampler.sampler import SamplerStats
+    env, sampler = "environment start: RuntimeError: no image", "sampler: sampler step failed: device lost"
+    groups = [[scored(0, 0, 1.0), scored(0, 1, 0.0), scored(0, 2, -10.5, env), scored(0, 3, 0.5)],
+              [scored(1, 0, -0.5, sampler), scored(1, 1, -0.5, sampler), scored(1, 2, 1.0), scored(1, 3, -0.5, sampler)],
+              [scored(2, 0, 0.0), scored(2, 1, -10.5, termination="error"), scored(2, 2, 1.0),
+               scored(2, 3, 0.0, termination="max_steps")]]
+    rl = SimpleNamespace(drop_zero_variance=False, mask_truncated=False)
+    samples, counts = _training_samples(groups, rl)
+    a = 0.5 / (0.5 + 1e-6)   # deviation 0.5 over std 0.5 (+ eps)
+    assert [s.advantage for s in samples[:3]] == pytest.approx([a, -a, 0.0], abs=1e-12)
+    assert len(samples) == 3 + 4 and all(s.targets == [4, 5] for s in samples)
+    policy_own = torch.tensor([0.0, -10.5, 1.0, 0.0], dtype=torch.float64)
+    expected = ((policy_own - policy_own.mean()) / (policy_own.std() + 1e-6)).tolist()
+    assert [s.advantage for s in samples[3:]] == pytest.approx(expected)
+    assert (counts["infrastructure_failures"], counts["dropped_groups"]) == (4, 1)
+    record = _metrics(Runtime(0, 1, torch.device("cpu"), sharded=False), 1, "I", [r for g in groups for r in g], 0,
+                      counts, SamplerStats(), SamplerStats(), SwitchStats(), 1.0, 1.0, 1.0, {}, 1e-3)
+    assert record["trajectories"] == 12 and record["infrastructure_failures"] == 4 and record["dropped_groups"] == 1
+    assert record["infrastructure_failure_kinds"] == {"environment start": 1, "sampler": 3}
+    valid = [1.0, 0.0, 0.5, 1.0, 0.0, -10.5, 1.0, 0.0]
+    assert record["reward_mean"] == pytest.approx(sum(valid) / 8) and record["terminations"]["submitted"] == 10
+
+
+def tiny_exact_model():
     from protege.engine.config import ModelConfig
     from protege.engine.model import Qwen2ForCausalLM
-    from protege.engine.training.grpo import policy_loss
-    from protege.engine.training.rl import Sample, TokenLogprobs, _micro_batches
-    from protege.rollout.sampler import Sampler, SamplingParams
-    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
     model.exact = True
-    prompts = [[3, 9, 27, 81 % 96, 5, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    return model
+
+
+def sampled(model, temperature: float, advantages=(1.0, 1.0)) -> list:
+    """Two sequences drawn by the sampler at `temperature`, as GRPO Samples (its log-probs as the old ones)."""
+    from protege.engine.training.rl import Sample
+    from protege.rollout.sampler import Sampler, SamplingParams
+    prompts = [[3, 9, 27, 81 % 96, 5, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]][:len(advantages)]
     outs = Sampler(model, num_blocks=16, block_size=4, max_num_batched_tokens=8).generate(
-        prompts, [SamplingParams(temperature=1.0, max_tokens=5, seed=i, ignore_eos=True) for i in range(2)])
-    samples = [Sample(p + o.token_ids, list(range(len(p) - 1, len(p) + len(o.token_ids) - 1)), o.token_ids,
-                      o.logprobs, 1.0) for p, o in zip(prompts, outs)]
+        prompts, [SamplingParams(temperature=temperature, max_tokens=5, seed=i, ignore_eos=True)
+                  for i in range(len(prompts))])
+    return [Sample(p + o.token_ids, list(range(len(p) - 1, len(p) + len(o.token_ids) - 1)), o.token_ids,
+                   o.logprobs, a) for p, o, a in zip(prompts, outs, advantages)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_exact_mode_first_ratio_is_exactly_one_on_the_triton_path(monkeypatch, temperature):
+    """GRPO's own training path (Sample -> packed micro-batch -> TokenLogprobs root -> policy_loss) on the
+    sampler's tokens: in exact mode on the Triton path the trainer's log-probs are the sampler's, bit for bit,
+    at the temperature the sampler drew with (its log-probs are of softmax(z / T))."""
+    from protege.engine.training.grpo import policy_loss
+    from protege.engine.training.rl import TokenLogprobs, _micro_batches
+    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
+    model = tiny_exact_model()
+    samples = sampled(model, temperature)
     [batch] = _micro_batches(samples, 64, torch.device("cpu"))
-    logp, _ = TokenLogprobs(model)(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets)
+    logp, _ = TokenLogprobs(model)(batch.input_ids, batch.cu_seqlens, batch.rows, batch.targets,
+                                   temperature=temperature)
     assert torch.equal(logp.detach(), batch.sampler_logprobs)
     _, stats = policy_loss(logp, batch.sampler_logprobs, batch.advantages, torch.ones_like(logp))
     assert stats["ratio_mean"] == 1.0 and stats["max_abs_logprob_diff"] == 0.0
 
 
+def grpo_update(model, samples, **rl):
+    """engine/training/rl.py's _update on one CPU process: the real loop over real log-probs, no environment."""
+    from protege.engine.training.config import TrainConfig
+    from protege.engine.training.rl import TokenLogprobs, _update
+    from protege.engine.training.runtime import Runtime
+    cfg = TrainConfig(phase="grpo")
+    cfg.model.exact = model.exact
+    cfg.train.micro_batch_tokens = 64
+    for key, value in rl.items():
+        setattr(cfg.rl, key, value)
+    root = TokenLogprobs(model)
+    optimizer = torch.optim.SGD(root.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return _update(cfg, Runtime(0, 1, torch.device("cpu"), sharded=False), root, None, optimizer, scheduler,
+                   samples, model)
+
+
+def test_the_update_takes_log_probs_at_the_sampling_temperature(monkeypatch):
+    """Through _update itself: at T = 0.7 in exact mode the trainer's first log-probs are the sampler's bits."""
+    monkeypatch.setenv("PROTEGE_KERNELS", "triton")
+    model = tiny_exact_model()
+    stats = grpo_update(model, sampled(model, 0.7), temperature=0.7)
+    assert stats["updates"] == 1 and stats["trained_tokens"] == 10
+    assert stats["sampler_trainer_logprob_max"] == 0.0 and stats["first_ratio_max_deviation"] == 0.0
+
+
 def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_path, bundled_images, docker_client):
-    """Docker backend: one task's image does not exist. Its trajectories end as errors (recorded, scored as
-    unresolved), the other task's run normally, the step completes, and no container is left behind."""
+    """Docker backend: one task's image does not exist. Its trajectories end as errors recorded as the
+    infrastructure's (never trained on: the group is dropped and counted), the other task's run normally, the
+    step completes, and no container is left behind."""
     from protege.rollout.envs.docker import LABEL
     from protege.rollout.tasks import BUNDLED_JSONL
     rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
@@ -193,9 +366,12 @@ def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_pa
     fine = [r for r in stored if r["trajectory"]["task_id"] == rows[0]["instance_id"]]
     assert len(broken) == len(fine) == 2
     assert all(r["trajectory"]["termination"] == "error" and "no-such-image" in r["trajectory"]["error"]
-               and r["reward"]["R_correct"] == 0.0 for r in broken)
-    assert all(r["trajectory"]["termination"] != "error" for r in fine)
-    assert [r["step"] for r in metrics(out)] == [1]
+               and r["trajectory"]["infrastructure_error"].startswith("environment start:") for r in broken)
+    assert all(r["trajectory"]["termination"] != "error" and r["trajectory"]["infrastructure_error"] is None
+               for r in fine)
+    [record] = metrics(out)
+    assert record["step"] == 1 and record["trajectories"] == 4
+    assert (record["infrastructure_failures"], record["dropped_groups"]) == (2, 1)
     left = [c for c in docker_client.containers.list(all=True, filters={"label": LABEL})
             if c.labels[LABEL] != str(os.getpid())]   # the training run's containers (not this test process's)
     assert left == []

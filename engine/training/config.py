@@ -96,11 +96,12 @@ class RLSection:
     drop_zero_variance: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal are dropped
     eps_low: float = 0.2
     eps_high: float = 0.28
-    kl_coef: float = 0.0            # 0: no reference model is loaded
+    kl_coef: float = 0.001          # the method's default (the paper leaves it unknown); 0: no reference loaded
     reference: str = ""             # the frozen reference (default: model.path, the SFT checkpoint)
     reference_offload: bool = False  # its shards in CPU memory, brought to the GPU a layer at a time
     mini_batches: int = 1           # optimizer steps per RL step
-    recompute_logprobs: bool = True   # fast mode: old log-probs from the trainer (exact mode: the sampler's)
+    recompute_logprobs: bool = True   # fast mode: old log-probs from the trainer, with the rollout weights once
+                                      # before any update (exact mode: the sampler's)
     tis_cap: float = 2.0            # truncated importance weight on trainer/sampler probability (0: off)
     kv_cache_fraction: float = 0.8  # of the memory free when the pool is built (CUDA)
 
@@ -144,8 +145,8 @@ _POSITIVE = ("data.max_seq_len", "train.steps", "train.global_batch_size", "trai
              "rl.max_context_tokens", "rl.max_turn_tokens", "rl.max_seconds", "rl.command_timeout_s",
              "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction")
 _NON_NEGATIVE = ("process_group_timeout_s", "train.lr", "train.warmup_steps", "train.weight_decay",
-                 "train.grad_clip", "checkpoint.every", "log.peak_tflops", "rl.expert_quota", "rl.temperature",
-                 "rl.eps_low", "rl.eps_high", "rl.kl_coef", "rl.tis_cap")
+                 "train.grad_clip", "checkpoint.every", "log.peak_tflops", "rl.expert_quota", "rl.eps_low",
+                 "rl.eps_high", "rl.kl_coef", "rl.tis_cap")
 
 # Hugging Face TrainingArguments names, so that a key written for HF gets our name as its suggestion.
 _ALIASES = {"learning_rate": "lr", "max_steps": "steps", "max_grad_norm": "grad_clip"}
@@ -235,6 +236,9 @@ def _validate_rl(rl: RLSection) -> None:
     if rl.group_size < 2:
         raise ConfigError(f"config: rl.group_size must be >= 2 (a group advantage needs two samples), "
                           f"got {rl.group_size}")
+    if not rl.temperature > 0:
+        raise ConfigError(f"config: rl.temperature = {rl.temperature!r}: GRPO needs a sampling temperature > 0 "
+                          f"(0 is greedy decoding: no sampling distribution for the probability ratio)")
     if not 0 < rl.top_p <= 1:
         raise ConfigError(f"config: rl.top_p must be in (0, 1], got {rl.top_p}")
     curriculum(rl)

@@ -2,21 +2,44 @@
 (asymmetric clip, DAPO token-level aggregation, k3 KL to a reference). The loop is engine/training/rl.py."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """A = (R - mean_G) / (std_G + eps) per group of `group_size` consecutive rewards (std unbiased, as
-    torch.std); every member of a group whose rewards are all equal gets A = 0."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+    """A = (R - mean_G) / (std_G + eps) per group of `group_size` consecutive rewards, mean and std (unbiased,
+    as torch.std) over the group's valid members only (`valid`, default all; an invalid reward, whatever its
+    value, never enters them). A = 0 for invalid members, for every member of a group with fewer than 2 valid
+    ones (see usable_groups) and of a group whose valid rewards are all equal."""
     if group_size < 2:
         raise ValueError(f"group_advantages: group_size must be >= 2 (std of one reward is undefined), "
                          f"got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: {tuple(rewards.shape)} rewards do not split into groups of {group_size}")
-    groups = rewards.double().view(-1, group_size)
-    std = groups.std(dim=1, keepdim=True)
-    advantages = (groups - groups.mean(dim=1, keepdim=True)) / (std + eps)
-    return torch.where(std == 0, 0.0, advantages).view(-1).to(rewards.dtype)
+    if valid is None:
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+    if valid.shape != rewards.shape or valid.dtype != torch.bool:
+        raise ValueError(f"group_advantages: valid must be a bool mask of the rewards' shape {tuple(rewards.shape)}, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
+    mask = valid.view(-1, group_size)
+    groups = torch.where(mask, rewards.double().view(-1, group_size), 0.0)
+    count = mask.sum(dim=1, keepdim=True).double()
+    mean = groups.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    squares = torch.where(mask, (groups - mean) ** 2, 0.0).sum(dim=1, keepdim=True)
+    std = (squares / (count - 1).clamp(min=1)).sqrt()
+    advantages = (groups - mean) / (std + eps)
+    # Equal rewards give exactly 0 (their rounded mean may differ from them by an ulp).
+    highest = groups.masked_fill(~mask, -math.inf).amax(dim=1, keepdim=True)
+    lowest = groups.masked_fill(~mask, math.inf).amin(dim=1, keepdim=True)
+    keep = mask & (count >= 2) & (highest > lowest)
+    return torch.where(keep, advantages, 0.0).view(-1).to(rewards.dtype)
+
+
+def usable_groups(valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group of `group_size` consecutive members: has it the 2 valid members a group advantage needs?"""
+    return valid.view(-1, group_size).sum(dim=1) >= 2
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

@@ -5,10 +5,12 @@ groups. In rollout mode every trajectory of the rank runs at once (a thread each
 its model turns decoded together by the in-process sampler with a seed derived from (run seed, step, task
 slot, sample, turn). Each finished trajectory is judged, evaluated in a fresh environment, scored with the
 curriculum stage of the step and appended to rollouts/step_N.jsonl. Then group advantages, and mini-batch
-updates of the clipped token-level loss on the policy's own tokens (engine/training/grpo.py). A resumed
-step reuses the trajectories its file already holds and re-runs the others with the same seeds."""
+updates of the clipped token-level loss on the policy's own tokens (engine/training/grpo.py). A step resumed
+with --resume reuses the trajectories its file already holds and re-runs the others with the same seeds;
+rollouts/identity.json (run_identity) must match the run, and a fresh start never reuses stored rollouts."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,7 +18,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,12 +28,13 @@ from torch import nn
 from protege.kernels import dispatch as kernels
 from protege.rewards.shaping import RewardBreakdown, score as shaped_score
 from protege.rewards.stats import aggregate
+from protege.engine.checkpoint import write_atomically
 from protege.engine.config import ModelConfig
 from protege.engine.model import Qwen2ForCausalLM
 from protege.engine.tokenizer import Tokenizer
 from protege.engine.training.config import ConfigError, TrainConfig, curriculum, save_config
 from protege.engine.training.data import GlobalBatches
-from protege.engine.training.grpo import group_advantages, policy_loss
+from protege.engine.training.grpo import group_advantages, policy_loss, usable_groups
 from protege.engine.optional import pyplot
 from protege.engine.training.metrics import MetricsLog
 from protege.engine.training.packing import pack
@@ -52,20 +55,23 @@ from protege.rollout.sampler import Sampler, SamplingParams
 from protege.rollout.sampler.server import SamplerServer
 from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
 
-TRUNCATED = ("context", "max_steps", "time")   # terminations that cut a trajectory short
+TRUNCATED = ("context", "max_turn_tokens", "max_steps", "time")   # terminations that cut a trajectory short
 
 
 class TokenLogprobs(nn.Module):
     """The model and its head + log-softmax as one module (the FSDP root): log p(target) and the entropy at
-    the given rows only -- the policy's tokens (tool output, most of an agent trajectory, needs no head)."""
+    the given rows only -- the policy's tokens (tool output, most of an agent trajectory, needs no head).
+    `temperature` has no default: the ratio is only right at the temperature the sampler drew with (its
+    log-probs are of softmax(z / T)), so every caller names it."""
 
     def __init__(self, model: Qwen2ForCausalLM):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, cu_seqlens, rows, targets):
+    def forward(self, input_ids, cu_seqlens, rows, targets, *, temperature: float):
         hidden = self.model(input_ids, cu_seqlens=cu_seqlens, return_hidden=True)
-        return kernels.token_logprobs(hidden[rows], self.model.lm_head_weight, targets, return_entropy=True)
+        return kernels.token_logprobs(hidden[rows], self.model.lm_head_weight, targets, temperature=temperature,
+                                      return_entropy=True)
 
 
 @dataclass
@@ -108,12 +114,16 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     rl, t = cfg.rl, cfg.train
     run_dir = Path(cfg.output_dir)
     checkpoint = resume_point(run_dir, resume, runtime)
+    _refuse_fresh_start_over_rollouts(run_dir, resume)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stages = curriculum(rl)
     tasks = _load_tasks(rl.tasks)
     base = cfg.model.path or str(_tiny_base(run_dir / "base-model", cfg.seed, runtime))
     tokenizer = Tokenizer.from_dir(cfg.data.tokenizer or base)
+    identity = run_identity(cfg, base, stages)
+    if resume:
+        _check_stored_identity(run_dir, identity)
 
     dtype, compute_dtype = training_dtypes(cfg.model, runtime.device)
     model, root = build_training_model(base, dtype, compute_dtype, runtime,
@@ -135,6 +145,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "rollouts").mkdir(exist_ok=True)
+        write_atomically(str(run_dir / "rollouts" / IDENTITY),   # a crash never leaves it torn
+                         lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=2) + "\n"))
         save_config(cfg, run_dir / "config.json")
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if checkpoint is not None else None)
         print(f"GRPO: {len(tasks)} tasks, {rl.prompts_per_step} x {rl.group_size} trajectories per step, "
@@ -201,23 +213,7 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         switch = rollout_mode.last_switch
 
         # Advantages per group; a group is all on this rank.
-        samples: list[Sample] = []
-        zero_variance = masked = 0
-        for slot in mine:
-            group = [results[(slot, s)] for s in range(rl.group_size)]
-            totals = torch.tensor([r.reward["R_total"] for r in group], dtype=torch.float64)
-            advantages = group_advantages(totals, rl.group_size)
-            if bool((totals == totals[0]).all()):
-                zero_variance += 1
-                if rl.drop_zero_variance:
-                    continue
-            for r, a in zip(group, advantages.tolist()):
-                if rl.mask_truncated and r.trajectory.termination in TRUNCATED:
-                    masked += 1
-                    continue
-                sample = _sample(r.trajectory, a)
-                if sample.rows:   # a trajectory whose environment never started has no policy token to train
-                    samples.append(sample)
+        samples, counts = _training_samples([[results[(s, i)] for i in range(rl.group_size)] for s in mine], rl)
 
         t_train = time.perf_counter()
         train_stats = _update(cfg, runtime, root, reference, optimizer, scheduler, samples, model)
@@ -227,15 +223,17 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         position += rl.prompts_per_step
 
         record = _metrics(runtime, step, stage.name, [results[(s, i)] for s in mine for i in range(rl.group_size)],
-                          len(reused), zero_variance, masked, sampler.stats, stats_before, switch,
+                          len(reused), counts, sampler.stats, stats_before, switch,
                           rollout_seconds, training_seconds, time.perf_counter() - started, train_stats,
                           scheduler.get_last_lr()[0])
         if runtime.is_main:
             log.write(record)
             plot = plot_grpo(log.records(), run_dir / "grpo.png")
+            failed = record["infrastructure_failures"]
             print(f"step {step}/{t.steps} [{stage.name}] reward {record['reward_mean']:+.3f} "
-                  f"resolved {record['resolve_rate']:.2f} loop {record['loop_rate']:.2f} "
-                  f"loss {record['loss']:+.4f} ({record['step_seconds']:.0f} s)", flush=True)
+                  f"resolved {record.get('resolve_rate', math.nan):.2f} loop {record.get('loop_rate', math.nan):.2f} "
+                  f"loss {record['loss']:+.4f} ({record['step_seconds']:.0f} s)"
+                  + (f", {failed} infrastructure failure(s) left out" if failed else ""), flush=True)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
             state = {"task_position": position, "scheduler": scheduler.state_dict(), "stage": stage.name,
                      "phase": "grpo", "base_model": base}
@@ -307,8 +305,67 @@ def _expert(rl):
     return NoExpert()
 
 
+IDENTITY = "identity.json"   # in rollouts/: what the stored rollouts are rollouts of
+
+
+def run_identity(cfg: TrainConfig, base: str, stages) -> dict:
+    """What a stored rollout depends on, so that only the same run reuses it: the task file's content, the
+    starting model (its path, config.json and weight files' sizes: hashing the weights would take minutes),
+    tokenizer, seed, sampling, agent and reward settings, and how tasks form groups."""
+    rl, base_dir = cfg.rl, Path(base).resolve()
+    tasks = Path(rl.tasks or BUNDLED_JSONL)
+    weights = {p.name: p.stat().st_size for p in sorted(base_dir.glob("*.safetensors"))}
+    return {"tasks": {"sha256": hashlib.sha256(tasks.read_bytes()).hexdigest()},   # the content, wherever it is
+            "model": {"path": str(base_dir), "config_sha256": hashlib.sha256((base_dir / "config.json").read_bytes())
+                      .hexdigest(), "weight_bytes": weights, "dtype": cfg.model.dtype,
+                      "compute_dtype": cfg.model.compute_dtype, "exact": cfg.model.exact},
+            "tokenizer": str(Path(cfg.data.tokenizer or base).resolve()), "seed": cfg.seed,
+            "sampling": {"temperature": rl.temperature, "top_p": rl.top_p, "max_turn_tokens": rl.max_turn_tokens},
+            "agent": {k: getattr(rl, k) for k in ("max_steps", "max_context_tokens", "max_seconds", "command_timeout_s",
+                                                  "expert", "expert_model", "expert_quota", "expert_budget_usd")},
+            "reward": {"stages": list(rl.stages), "configs": [asdict(s.reward) for s in stages.stages]},
+            "groups": {"prompts_per_step": rl.prompts_per_step, "group_size": rl.group_size}}
+
+
+def _refuse_fresh_start_over_rollouts(run_dir: Path, resume: bool) -> None:
+    stored = sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+    if stored and not resume:
+        raise ConfigError(f"{run_dir / 'rollouts'} holds another run's stored rollouts ({', '.join(stored[:3])}"
+                          f"{' ...' if len(stored) > 3 else ''}): pass --resume to continue that run, or choose "
+                          f"another output_dir (nothing was deleted)")
+
+
+def _check_stored_identity(run_dir: Path, identity: dict) -> None:
+    """--resume: stored rollouts are reused only when the run is the one that stored them."""
+    stored = sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+    if not stored:
+        return
+    path = run_dir / "rollouts" / IDENTITY
+    try:
+        before = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing, so the stored rollouts ({stored[0]} ...) cannot be checked to "
+                          f"be this run's; resume with the version that wrote them, or choose another output_dir"
+                          ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items()
+                for k, v in (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+                             else [(f"{prefix}{key}", value)])}
+
+    old, new = flat(before), flat(json.loads(json.dumps(identity)))   # as stored: lists, not tuples
+    differ = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k)]
+    if differ:
+        raise ConfigError(f"--resume: {run_dir / 'rollouts'} holds another run's rollouts ({'; '.join(differ)}); "
+                          f"resume with the settings that stored them, or choose another output_dir")
+
+
 def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, int], Rollout]:
-    """The trajectories of this step already finished by an interrupted run (a torn last line is skipped)."""
+    """The trajectories of this step already finished by an interrupted run (a torn last line is skipped);
+    run_grpo has checked they are this run's (run_identity)."""
     found = {}
     if not path.is_file():
         return found
@@ -325,6 +382,37 @@ def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------- update
+
+def _training_samples(groups: list[list[Rollout]], rl) -> tuple[list[Sample], Counter]:
+    """Each task's group as training samples, and counts of what was left out. A trajectory the infrastructure
+    failed (Trajectory.infrastructure_error) is no sample of the policy: never trained on, never in its group's
+    mean and std; a group left with fewer than 2 valid trajectories is dropped. The policy's own failures (bad
+    calls, loops, its command's timeout, running out of steps) stay in."""
+    samples: list[Sample] = []
+    counts = Counter(zero_variance_groups=0, masked_trajectories=0, infrastructure_failures=0, dropped_groups=0)
+    for group in groups:
+        valid = torch.tensor([r.trajectory.infrastructure_error is None for r in group])
+        counts["infrastructure_failures"] += int((~valid).sum())
+        if not bool(usable_groups(valid, len(group))):
+            counts["dropped_groups"] += 1
+            continue
+        totals = torch.tensor([r.reward["R_total"] for r in group], dtype=torch.float64)
+        advantages = group_advantages(totals, len(group), valid=valid)
+        if bool((totals[valid] == totals[valid][0]).all()):
+            counts["zero_variance_groups"] += 1
+            if rl.drop_zero_variance:
+                continue
+        for r, a, ok in zip(group, advantages.tolist(), valid.tolist()):
+            if not ok:
+                continue
+            if rl.mask_truncated and r.trajectory.termination in TRUNCATED:
+                counts["masked_trajectories"] += 1
+                continue
+            sample = _sample(r.trajectory, a)
+            if sample.rows:   # e.g. a prompt that left no room for a first turn: no policy token to train
+                samples.append(sample)
+    return samples, counts
+
 
 def _sample(traj: Trajectory, advantage: float) -> Sample:
     ids, mask = traj.input_ids(), traj.loss_mask()
@@ -384,23 +472,31 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
     sums = Counter()
     mismatch_max = 0.0
     use_sampler_old = cfg.model.exact or not rl.recompute_logprobs
+    T = rl.temperature   # the sampler's log-probs are of softmax(z / T): the trainer's must be too
+    # The old log-probs are the behaviour policy's (the weights that sampled) in every mini-batch: the sampler's
+    # own (exact mode: bitwise the trainer's; or recompute_logprobs off), or in fast mode the trainer's, computed
+    # ONCE with the rollout weights before the first update -- never from weights an earlier mini-batch moved --
+    # with the truncated importance weight correcting for the sampler's numerics.
+    passes = []
     for k in range(rl.mini_batches):
-        part = samples[k::rl.mini_batches]
-        batches = _micro_batches(part, t.micro_batch_tokens, device)
+        batches = _micro_batches(samples[k::rl.mini_batches], t.micro_batch_tokens, device)
         most, = all_reduce([len(batches)], "max", runtime)
         batches += [_placeholder(device) for _ in range(int(most) - len(batches))]
         tokens, = all_reduce([float(sum(len(b.rows) for b in batches))], "sum", runtime)
+        old = []
+        if tokens and not use_sampler_old:
+            with torch.no_grad():
+                old = [root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0] for b in batches]
+        passes.append((batches, tokens, old))
+    for k, (batches, tokens, old) in enumerate(passes):
         if tokens == 0:
             continue
-        old, ref = [], []
-        with torch.no_grad():
-            for b in batches:
-                if not use_sampler_old:
-                    old.append(root(b.input_ids, b.cu_seqlens, b.rows, b.targets)[0])
-                if reference is not None:
-                    ref.append(reference(b.input_ids, b.cu_seqlens, b.rows, b.targets)[0])
+        ref = []
+        if reference is not None:   # the KL compares the two policies at the temperature sampled with
+            with torch.no_grad():
+                ref = [reference(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)[0] for b in batches]
         for j, b in enumerate(batches):
-            logp, entropy = root(b.input_ids, b.cu_seqlens, b.rows, b.targets)
+            logp, entropy = root(b.input_ids, b.cu_seqlens, b.rows, b.targets, temperature=T)
             old_j = b.sampler_logprobs if use_sampler_old else old[j]
             weight = torch.ones_like(logp)
             if not use_sampler_old and rl.tis_cap > 0:   # truncated importance sampling on the sampler's draw
@@ -448,14 +544,17 @@ def _update(cfg: TrainConfig, runtime: Runtime, root, reference, optimizer, sche
 
 # ---------------------------------------------------------------------------------------------- metrics
 
-def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reused: int, zero_variance: int,
-             masked: int, stats, stats_before, switch, rollout_seconds: float, training_seconds: float,
+def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reused: int, counts: Counter,
+             stats, stats_before, switch, rollout_seconds: float, training_seconds: float,
              step_seconds: float, train: dict, lr: float) -> dict:
     local = [{"reward": r.reward, "steps": r.trajectory.steps, "termination": r.trajectory.termination,
               "expert_tokens": r.trajectory.expert_tokens, "total_tokens": r.trajectory.total_tokens,
               "policy_tokens": r.trajectory.policy_tokens, "expert_cost": r.trajectory.expert_cost_usd,
-              "quota_refusals": sum(c.refused for c in r.trajectory.expert_calls)} for r in mine]
-    counters = [reused, zero_variance, masked, stats.generated_tokens - stats_before.generated_tokens,
+              "quota_refusals": sum(c.refused for c in r.trajectory.expert_calls),
+              "infrastructure": None if r.trajectory.infrastructure_error is None   # its kind, e.g. "sampler"
+              else r.trajectory.infrastructure_error.partition(":")[0]} for r in mine]
+    counters = [reused, counts["zero_variance_groups"], counts["masked_trajectories"], counts["dropped_groups"],
+                stats.generated_tokens - stats_before.generated_tokens,
                 stats.cached_tokens - stats_before.cached_tokens,
                 stats.prompt_tokens - stats_before.prompt_tokens,
                 stats.preemptions - stats_before.preemptions]
@@ -463,20 +562,24 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
     if dist.is_initialized() and runtime.world_size > 1:
         everyone = [None] * runtime.world_size
         dist.all_gather_object(everyone, local)
-    rows = [r for part in everyone for r in part]
-    reused, zero_variance, masked, generated, cached, prompt, preempted = all_reduce(counters, "sum", runtime)
+    everything = [r for part in everyone for r in part]
+    rows = [r for r in everything if r["infrastructure"] is None]   # the policy's figures: its own trajectories
+    reused, zero_variance, masked, dropped, generated, cached, prompt, preempted = all_reduce(counters, "sum", runtime)
     peak_blocks, = all_reduce([stats.peak_blocks_in_use], "max", runtime)
     breakdowns = [RewardBreakdown(**r["reward"]) for r in rows]
     totals = [b.R_total for b in breakdowns]
-    mean = sum(totals) / len(totals)
+    mean = sum(totals) / len(totals) if totals else math.nan
     agg = aggregate(breakdowns, [r["expert_tokens"] for r in rows], [r["total_tokens"] for r in rows])
-    record = {"step": step, "stage": stage, "trajectories": len(rows), "reward_mean": mean,
+    failures = Counter(r["infrastructure"] for r in everything if r["infrastructure"] is not None)
+    record = {"step": step, "stage": stage, "trajectories": len(everything), "reward_mean": mean,
               "reward_std": (sum((x - mean) ** 2 for x in totals) / max(1, len(totals) - 1)) ** 0.5, **agg,
               "longest_streak": max((max(b.streaks, default=0) for b in breakdowns), default=0),
-              "steps_mean": sum(r["steps"] for r in rows) / len(rows),
-              "terminations": dict(Counter(r["termination"] for r in rows)),
+              "steps_mean": sum(r["steps"] for r in rows) / len(rows) if rows else math.nan,
+              "terminations": dict(Counter(r["termination"] for r in everything)),
+              "infrastructure_failures": sum(failures.values()), "infrastructure_failure_kinds": dict(failures),
+              "dropped_groups": int(dropped),
               "quota_refusals": sum(r["quota_refusals"] for r in rows),
-              "expert_cost_usd": sum(r["expert_cost"] for r in rows),
+              "expert_cost_usd": sum(r["expert_cost"] for r in everything),
               "reused_trajectories": int(reused), "zero_variance_groups": int(zero_variance),
               "masked_trajectories": int(masked), "generated_tokens": int(generated),
               "rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9),

@@ -77,7 +77,7 @@ class AnthropicExpert:
         try:
             done = self.client.complete(JUDGE_SYSTEM, [{"role": "user", "content": prompt}], max_tokens=64)
         except ExpertUnavailable as e:
-            return JudgeScores(None, None, fallback=True, note=f"judge unavailable: {e}")
+            return JudgeScores(None, None, fallback=True, note=f"judge unavailable: {e}", unavailable=True)
         scores = parse_judge(done.text)
         scores.input_tokens, scores.output_tokens = done.input_tokens, done.output_tokens
         scores.cost_usd = done.cost_usd

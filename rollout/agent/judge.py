@@ -34,6 +34,7 @@ class JudgeScores:
     followed: float | None
     fallback: bool = False
     note: str = ""
+    unavailable: bool = False       # the judge could not be reached (transport): no judgement at all
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0

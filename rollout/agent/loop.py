@@ -2,9 +2,12 @@
 
 One step is one assistant turn holding exactly one tool call. A turn that cannot be parsed, has no call,
 or has several gets an error observation and still counts as a step. The run ends with one of:
-submitted, max_steps, context (the conversation reached max_context_tokens or a generation was cut
-short), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), time (the
+submitted, max_steps, context (the conversation reached max_context_tokens, also within a generation),
+max_turn_tokens (a generation reached the policy's per-turn cap, max_turn_tokens, with room left in the
+context), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), time (the
 run's wall-clock limit), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
+A failure of the infrastructure (the environment does not start, a sampler step, the evaluator, the
+judge's transport) is also recorded as the trajectory's infrastructure_error: the policy did not cause it.
 Whatever the ending, the final patch is the repository's diff at that point. Afterwards the hidden judge
 scores every answered expert call. run_batch runs many (task, policy) jobs on threads, so a slow command
 holds up only its own trajectory."""
@@ -23,6 +26,7 @@ from protege.rollout.envs.base import Environment
 from protege.rollout.agent.judge import JudgeCase
 from protege.rollout.agent.policies import ContextFull
 from protege.rollout.agent.trajectory import Action, ExpertCall, Message, Trajectory
+from protege.rollout.sampler.server import SamplerStepError
 
 SYSTEM_PROMPT = """You are an expert software engineer working in a code repository to resolve an issue. \
 Each turn, call exactly one tool. Explore the code, reproduce the problem, make a minimal fix to the \
@@ -143,6 +147,8 @@ class _Run:
             scores = self.expert.judge(self.task, case)
             call.warranted, call.followed, call.judge_fallback = scores.warranted, scores.followed, scores.fallback
             call.judge_note, call.judge_cost_usd = scores.note, scores.cost_usd
+            if scores.unavailable and self.traj.infrastructure_error is None:
+                self.traj.infrastructure_error = f"judge: {scores.note}"
 
 
 def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, config: AgentConfig = AgentConfig(),
@@ -177,8 +183,10 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
             traj.steps += 1
             if turn.token_ids is not None and turn.token_ids[-1] != tokenizer.im_end_id:
                 # No turn can follow one that does not end with <|im_end|>: the model stopped on an EOS token
-                # of its own, or the generation was cut at the context limit.
-                traj.termination = "eos" if turn.token_ids[-1] in tokenizer.eos_ids else "context"
+                # of its own, or the generation was cut, by the per-turn cap (with room left) or the context.
+                turn_cap = turn.finish_reason == "length" and len(turn.token_ids) < room
+                traj.termination = ("eos" if turn.token_ids[-1] in tokenizer.eos_ids
+                                    else "max_turn_tokens" if turn_cap else "context")
                 break
             action = run.act(traj.steps - 1, turn.text)
             traj.actions.append(action)
@@ -196,6 +204,8 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
                 traj.termination = "context"
     except Exception as e:  # noqa: BLE001 -- any failure ends this trajectory, never the batch
         traj.termination, traj.error = "error", f"{type(e).__name__}: {e}"
+        if isinstance(e, SamplerStepError):   # the engine failed every turn in flight, not this policy
+            traj.infrastructure_error = f"sampler: {e}"
     try:
         traj.final_patch = env.diff()
         if config.judge:
@@ -227,8 +237,10 @@ def run_batch(jobs: list[Job], make_env: Callable[[object], Environment], expert
             env = make_env(job.task)
             traj = run_agent(job.task, env, job.policy, expert, tokenizer, config, job.attempt)
         except Exception as e:  # noqa: BLE001 -- the environment could not start
+            error = f"{type(e).__name__}: {e}"
             traj = Trajectory(job.task.instance_id, job.attempt, job.policy.name, expert.name,
-                              gold_patch=job.task.patch, termination="error", error=f"{type(e).__name__}: {e}")
+                              gold_patch=job.task.patch, termination="error", error=error,
+                              infrastructure_error=f"environment start: {error}" if env is None else None)
         finally:
             if env is not None:
                 env.close()
@@ -236,9 +248,10 @@ def run_batch(jobs: list[Job], make_env: Callable[[object], Environment], expert
             try:
                 traj.evaluation = evaluate(job.task, traj.final_patch)
                 traj.resolved = bool(traj.evaluation["resolved"])
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 -- the evaluator failed: no verdict on the patch
                 traj.evaluation = {"error": f"{type(e).__name__}: {e}"}
                 traj.resolved = False
+                traj.infrastructure_error = traj.infrastructure_error or f"evaluator: {type(e).__name__}: {e}"
         elif evaluate is not None:
             traj.resolved = False   # an empty patch resolves nothing
         if on_done is not None:

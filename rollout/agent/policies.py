@@ -26,6 +26,7 @@ class Turn:
     text: str                                 # content and tool calls, as the model writes them
     token_ids: list[int] | None = None        # token policies: exactly the generated ids (ending in <|im_end|>)
     logprobs: list[float] | None = None       # their sampled log-probs
+    finish_reason: str | None = None          # token policies: the sampler's ("stop", "length", "context limit")
 
 
 @dataclass
@@ -161,7 +162,8 @@ class SamplerPolicy:
         if not completion.token_ids:   # the prompt alone fills the sampler's context
             raise ContextFull(f"the prompt of {len(prompt)} tokens leaves no room to generate")
         text = conversation.tokenizer.decode(completion.token_ids, skip_special_tokens=False)
-        return Turn(text.removesuffix("<|im_end|>"), list(completion.token_ids), list(completion.logprobs))
+        return Turn(text.removesuffix("<|im_end|>"), list(completion.token_ids), list(completion.logprobs),
+                    completion.finish_reason)
 
     def close(self) -> None:
         """Stop serving once the running requests are done (the sampler can then be released)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from protege.rewards import shaping
 
 SCHEMA_VERSION = 1
-TERMINATIONS = ("submitted", "max_steps", "context", "eos", "time", "budget", "error")
+TERMINATIONS = ("submitted", "max_steps", "context", "max_turn_tokens", "eos", "time", "budget", "error")
 
 
 @dataclass
@@ -81,6 +81,9 @@ class Trajectory:
     resolved: bool | None = None       # None: not evaluated
     evaluation: dict | None = None     # the evaluator's report
     error: str | None = None           # what ended a run with termination "error"
+    # Set when the infrastructure failed the run, not the policy ("environment start: ...", "sampler: ...",
+    # "evaluator: ...", "judge: ..."): the reward then says nothing about the policy, so GRPO leaves it out.
+    infrastructure_error: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def input_ids(self) -> list[int]:

@@ -10,6 +10,10 @@ from protege.rollout.sampler.sampling import SamplingParams
 from protege.rollout.sampler.sequence import Completion
 
 
+class SamplerStepError(RuntimeError):
+    """A sampler step failed: the engine's failure, not a request's. Every request the step ran gets it."""
+
+
 class SamplerServer:
     """submit() queues a prompt and returns a Future of its Completion. The engine thread admits queued
     prompts and steps the sampler while any request runs, so every caller waiting for a turn decodes in the
@@ -60,8 +64,10 @@ class SamplerServer:
                 finished = self.sampler.step()
             except Exception as e:  # noqa: BLE001 -- fail everyone waiting, then start clean
                 self.sampler.abort_all()
+                error = SamplerStepError(f"sampler step failed: {type(e).__name__}: {e}")
+                error.__cause__ = e
                 for future in waiting.values():
-                    future.set_exception(e)
+                    future.set_exception(error)
                 waiting.clear()
                 continue
             for output in finished:
