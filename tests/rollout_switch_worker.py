@@ -94,9 +94,9 @@ def main(checkpoint: str, out: str) -> None:
     rows = torch.arange(len(ids))
     reference = _reference(TrainConfig(), checkpoint, model.config, torch.bfloat16, runtime)
     with torch.no_grad():
-        first = reference(ids, cu, rows, targets)[0]
+        first = reference(ids, cu, rows, targets, temperature=1.0)[0]
         report["reference_gathered"] = gathered_bytes(reference)
-        report["reference_repeat_equal"] = torch.equal(first, reference(ids, cu, rows, targets)[0])
+        report["reference_repeat_equal"] = torch.equal(first, reference(ids, cu, rows, targets, temperature=1.0)[0])
         root(ids, cu, targets, torch.ones(len(ids)))
         report["policy_gathered"] = gathered_bytes(root)   # training keeps the root and last layer gathered
     Path(out, f"rank_{runtime.rank}.json").write_text(json.dumps(report))
