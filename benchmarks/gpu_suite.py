@@ -1429,6 +1429,8 @@ def main() -> int:
         name = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name().replace(" ", "-") if \
             torch.cuda.is_available() else "none"
         args.out = str(REPO / "benchmarks" / "results" / name) if not args.dry_run else tempfile.mkdtemp(prefix="gpu_suite_")
+    args.out = str(Path(args.out).resolve())
+    print(f"gpu_suite: the report goes to {args.out} (made if missing)", flush=True)
     suite = Suite(args)
     total = suite.run(args.sections)
     summary = json.loads((Path(args.out) / "report.json").read_text())["summary"]

@@ -29,7 +29,7 @@ def sections():
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_suite")
+    out = tmp_path_factory.mktemp("device") / "OUT" / "gpu_suite"   # as on a device run: --out "$OUT/gpu_suite"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PROTEGE_KERNELS", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], env=env, cwd=REPO,
