@@ -1,11 +1,13 @@
 """One command that checks and times the whole engine on one CUDA device, and writes a report as it goes.
 
-    python benchmarks/gpu_suite.py --out benchmarks/results/<gpu-name>/ [--quick]   # <= 8 min (quick <= 4)
+    python benchmarks/gpu_suite.py --out benchmarks/results/<gpu-name>/ [--quick]   # <= 9 min (quick <= 5)
     python benchmarks/gpu_suite.py --dry-run [--out DIR]     # the same sections on the CPU, tiny shapes
 
 Sections, in order (each with its own time cap; a check that starts after its section's cap is reported as
 SKIP, and a crash inside a check is an ERROR row, after which the suite goes on):
   environment       device, driver, torch/triton/transformers versions, git commit, optional packages
+  warm_up           op_correctness's checks run first in parallel worker processes, to compile their Triton
+                    kernels into the shared disk cache (with the cold-compile plan: an ESTIMATE)
   ceilings          measured copy bandwidth and bf16 matmul rate beside the datasheet peaks
   ops_correctness   every Triton op forward + backward in bf16 and fp16 vs the fp64 reference (precision rule
                     of tests/numerics.py), at Qwen2.5-7B shapes and odd shapes; flash-attn / xformers vs ours;
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
@@ -79,9 +82,10 @@ TINY_TIED = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidde
 TINY_UNTIED = dict(TINY_TIED, tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=1)
 COMMON = dict(max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
 
-# Section name -> (title, cap in seconds: full, quick). Caps sum to <= 480 s (full) and <= 240 s (quick).
+# Section name -> (title, cap in seconds: full, quick). Caps sum to <= 525 s (full) and <= 285 s (quick).
 SECTIONS = {
     "environment": ("Environment", 10, 10),
+    "warm_up": ("Kernel warm-up (compiled ahead, in parallel)", 45, 45),
     "ceilings": ("Measured ceilings", 10, 5),
     "ops_correctness": ("Op correctness (Triton vs fp64 reference)", 50, 25),
     "model_vs_hf": ("Model vs transformers Qwen2", 35, 20),
@@ -218,7 +222,7 @@ class Suite:
             sys.exit("gpu_suite: no CUDA device (torch.cuda.is_available() is False); use --dry-run on the CPU")
         # The dry run exists to run every check's code: its caps are ten times the GPU's (a loaded CPU is slow).
         self.cap_scale = 10 if self.dry else 1
-        self.budget = args.budget or (240 if self.quick else 480) * self.cap_scale
+        self.budget = args.budget or (285 if self.quick else 525) * self.cap_scale
         self.started = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory()
         self.runtime = None
@@ -483,6 +487,107 @@ def section_ceilings(suite: Suite, sec: Section):
 
 
 # -- correctness -------------------------------------------------------------------------------------------------
+# -- warm-up: the correctness section's kernels compiled ahead, in parallel -----------------------------------
+# ESTIMATES (not measured on the GPU machine): a cold Triton compile of one kernel variant takes ~1 s there, and
+# an op check compiles ~3 variants (its forward and one or two backward kernels).
+COMPILE_SECONDS_PER_VARIANT = 1.0
+VARIANTS_PER_CHECK = 3
+
+
+def triton_cache_dir() -> Path:
+    """Triton's on-disk kernel cache, shared by every process of the machine (TRITON_CACHE_DIR)."""
+    try:
+        from triton import knobs
+        return Path(knobs.cache.dir)
+    except (ImportError, AttributeError):   # older Triton
+        return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def cache_entries() -> int:
+    d = triton_cache_dir()
+    return len(os.listdir(d)) if d.is_dir() else 0
+
+
+def section_warm_up(suite: Suite, sec: Section):
+    """op_correctness's checks run ahead in worker processes, for their side effect: each kernel variant is
+    compiled once, in parallel, into Triton's disk cache, which the section then reads (a cold compile each,
+    in one process, would overrun its cap). Under the Triton interpreter nothing compiles: the workers only
+    plan (list their checks) and exit."""
+    checks = [c for c in ops_correctness_cases(suite) if c[2] is not None]
+    workers = max(1, min(len(checks), suite.pick(min(8, (os.cpu_count() or 2) // 2), dry=2)))
+    variants = len(checks) * VARIANTS_PER_CHECK
+    serial = variants * COMPILE_SECONDS_PER_VARIANT
+    quick = {name: cap for name, (_, _, cap) in SECTIONS.items()}
+    names = list(SECTIONS)
+    correctness = sum(quick[n] for n in names[:names.index("grpo_7b_flags") + 1])   # the checks, before the timings
+    build = 90   # ESTIMATE: `pip install --no-index --no-build-isolation -e .` took 38 s on 2 loaded CPU cores
+    plan = (f"Cold-compile plan (ESTIMATE, UNMEASURED): {len(checks)} op_correctness checks x ~{VARIANTS_PER_CHECK} "
+             f"kernel variants = ~{variants} cold compiles x ~{COMPILE_SECONDS_PER_VARIANT:.0f} s = ~{serial:.0f} s in "
+             f"one process, vs the section's cap of {SECTIONS['ops_correctness'][1]} s ({quick['ops_correctness']} s "
+             f"quick). Here {workers} worker processes run those checks first (~{serial / workers:.0f} s + their "
+             f"start-up), sharing Triton's disk cache ({triton_cache_dir()}); the section then loads compiled "
+             f"kernels. One --quick run with the build: ~{build} s build + {correctness} s of correctness caps "
+             f"(environment .. grpo_7b_flags) = ~{(build + correctness) / 60:.1f} min to the last correctness check, "
+             f"~{(build + sum(quick.values())) / 60:.1f} min in all ({sum(quick.values())} s budget; a check that "
+             f"overruns is stopped at budget + 90 s): inside 7 min on one H100/H200 (ESTIMATE, UNMEASURED).")
+    print(plan, flush=True)
+    sec.note(plan)
+
+    def run():
+        before = cache_entries()
+        flags = [f for f, on in (("--quick", suite.quick), ("--dry-run", suite.dry)) if on]
+        logs = [Path(suite.tmp.name) / f"warm_up_{k}.out" for k in range(workers)]
+        procs = []
+        for k, log in enumerate(logs):
+            with open(log, "w") as out:   # the child keeps its own descriptor
+                procs.append(subprocess.Popen([sys.executable, __file__, "--warm-up-worker", f"{k}/{workers}",
+                                               *flags], stdout=out, stderr=subprocess.STDOUT))
+        started, late = time.perf_counter(), []
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, sec.cap - sec.elapsed()))
+            except subprocess.TimeoutExpired:   # past the cap: the section compiles what is left itself
+                p.kill()
+                p.wait()
+                late.append(p.pid)
+        wall = time.perf_counter() - started
+        last_lines = [(log.read_text().splitlines() or [""])[-1] for log in logs]
+        reports = [json.loads(line) for line in last_lines if line.startswith("{")]
+        planned = sum(r["checks"] for r in reports)
+        compiled = any(r["compiled"] for r in reports)
+        ok = not late and all(p.returncode == 0 for p in procs) and planned == len(checks)
+        return dict(status="PASS" if ok else "FAIL", checks=len(checks), workers=workers, planned=planned,
+                    variants_estimate=variants, cold_serial_estimate_s=f"{serial:.0f} (ESTIMATE)", wall_s=wall,
+                    cache_entries_added=cache_entries() - before if compiled
+                    else "UNMEASURED (interpreter: nothing compiled)",
+                    detail=f"exit codes {[p.returncode for p in procs]}"
+                    + (f"; killed at the cap: {late}" if late else "")
+                    + "".join(f"; worker {k}: {log.read_text()[-300:]}" for k, (p, log) in enumerate(zip(procs, logs))
+                              if p.returncode != 0 and p.pid not in late))
+    sec.check(f"op_correctness kernels compiled ahead ({workers} workers)", run)
+
+
+def warm_up_worker(args) -> int:
+    """--warm-up-worker K/N: run every N-th op_correctness check from the K-th, results discarded (the section
+    runs them for real); print {"checks", "compiled", "seconds"} as the last line."""
+    k, n = map(int, args.warm_up_worker.split("/"))
+    with tempfile.TemporaryDirectory() as out:   # the worker's own report, thrown away
+        args.out = out
+        suite = Suite(args)
+    mine = [c for c in ops_correctness_cases(suite) if c[2] is not None][k::n]
+    compile_kernels = os.environ.get("TRITON_INTERPRET") != "1"
+    started = time.perf_counter()
+    if compile_kernels:
+        with suite.triton_kernels():
+            for name, _, run in mine:
+                try:
+                    run()
+                except Exception as e:  # the section reports it; here only the compile matters
+                    print(f"warm-up {name}: {type(e).__name__}: {e}", flush=True)
+    print(json.dumps(dict(checks=len(mine), compiled=compile_kernels, seconds=time.perf_counter() - started)))
+    return 0
+
+
 def op_results(fn, args, dtype, upstream_seed=1):
     """Outputs and input gradients of fn on a copy of args in `dtype` (float tensors), with fixed upstream
     gradients drawn in fp64 (the same values for every dtype)."""
@@ -515,41 +620,51 @@ def check_op(op, impl, shapes, dtype, device):
     return dict(status="PASS", max_err=worst[0], allowed=worst[1]) if worst else dict(status="FAIL", detail="nothing compared")
 
 
-def section_ops_correctness(suite: Suite, sec: Section):
+def ops_correctness_cases(suite: Suite) -> list[tuple[str, dict, object]]:
+    """(check name, row fields, fn or None if the Triton op is missing) of every op_correctness check, in
+    order: the section runs them, the warm-up (section_warm_up) runs them ahead to compile their kernels."""
     S = kernel_timings.Shapes
     shapes = suite.pick({"7B dims": S(tokens=1024), "odd": S(tokens=777, hidden=1000, heads=6, kv_heads=2,
                                                                  head_dim=80, intermediate=2731, vocab=5003, docs=3)},
                         dry={"tiny": S(tokens=37, hidden=80, heads=4, kv_heads=2, head_dim=32, intermediate=96,
                                        vocab=300, docs=2), "odd": S(tokens=23, hidden=72, heads=6, kv_heads=2, head_dim=24,
                                                         intermediate=50, vocab=333, docs=3)})
+    cases = []
+    for label, s in shapes.items():
+        for op in kernel_timings.OPS:
+            fn = kernel_timings.load_triton(op)
+            for dtype in suite.dtype16() if not (suite.dry and label == "odd") else (torch.bfloat16,):
+                run = functools.partial(check_op, op, fn, s, dtype, suite.device) if fn is not None else None
+                cases.append((f"{op.name} [{label}]", dict(dtype=str(dtype)[6:]), run))
+    # optional attention backends against our kernel (bf16, CUDA only)
+    s = next(iter(shapes.values()))
+    attention = next(op for op in kernel_timings.OPS if op.name == "varlen_attention")
+    for impl, fn in kernel_timings.third_party(attention).items():
+        cases.append((f"varlen_attention [{impl}]", dict(dtype="bfloat16"),
+                      functools.partial(check_op, attention, fn, s, torch.bfloat16, suite.device)))
+    cases += [("paged_attention (decode + prefill chunk), write_kv_cache", {}, functools.partial(check_paged, suite)),
+              ("exact-mode bits: linear M tiles (benchmarks/gpu_exact_check.py)", {},
+               functools.partial(check_linear_tiles, suite)),
+              ("exact-mode bits: paged decode == training attention; fast decode batch-invariant", {},
+               functools.partial(check_exact_paged, suite)),
+              ("sampler bits: log p from head_logits == fused token_logprobs; Philox kernel == PyTorch", {},
+               functools.partial(check_sampler_head, suite))]
+    return cases
+
+
+def section_ops_correctness(suite: Suite, sec: Section):
     sec.note("Rule (tests/numerics.py): error vs fp64 <= 2 x the error of PyTorch eager at the same dtype + a "
              "floor (1 bf16 ulp / 1e-5 for fp16) x the reference's scale, for every output and input gradient; "
              "the row shows the tensor closest to its bound.")
     with suite.triton_kernels():
-        for label, s in shapes.items():
-            for op in kernel_timings.OPS:
-                fn = kernel_timings.load_triton(op)
-                for dtype in suite.dtype16() if not (suite.dry and label == "odd") else (torch.bfloat16,):
-                    name = f"{op.name} [{label}]"
-                    if fn is None:
-                        sec.add(dict(check=name, dtype=str(dtype)[6:], status="FAIL", detail="Triton op missing"))
-                        continue
-                    sec.check(name, lambda: check_op(op, fn, s, dtype, suite.device), dtype=str(dtype)[6:])
-        # optional attention backends against our kernel (bf16, CUDA only)
-        s = next(iter(shapes.values()))
-        attention = next(op for op in kernel_timings.OPS if op.name == "varlen_attention")
-        for impl, fn in kernel_timings.third_party(attention).items():
-            sec.check(f"varlen_attention [{impl}]", lambda: check_op(attention, fn, s, torch.bfloat16, suite.device),
-                      dtype="bfloat16")
+        for name, fields, run in ops_correctness_cases(suite):
+            if run is None:
+                sec.add(dict(check=name, **fields, status="FAIL", detail="Triton op missing"))
+            else:
+                sec.check(name, run, **fields)
         for name in ("flash_attn", "xformers"):
             if suite.report.meta["versions"][name] == "not installed":
                 sec.skip(f"varlen_attention [{name}]", f"{name} not installed")
-        sec.check("paged_attention (decode + prefill chunk), write_kv_cache", lambda: check_paged(suite))
-        sec.check("exact-mode bits: linear M tiles (benchmarks/gpu_exact_check.py)", lambda: check_linear_tiles(suite))
-        sec.check("exact-mode bits: paged decode == training attention; fast decode batch-invariant",
-                  lambda: check_exact_paged(suite))
-        sec.check("sampler bits: log p from head_logits == fused token_logprobs; Philox kernel == PyTorch",
-                  lambda: check_sampler_head(suite))
 
 
 def check_linear_tiles(suite: Suite):
@@ -948,7 +1063,8 @@ def section_grpo_7b_flags(suite: Suite, sec: Section):
     sec.note(f"{GRPO_CONFIG.relative_to(REPO)} with {', '.join(changes)}; {shape['num_hidden_layers']} layers "
              f"at the {'Qwen2.5-7B' if not suite.dry else 'tiny'} width (random weights); one rank of "
              f"prompts_per_step / 8 = 2 prompts x group_size; CUDA graph sizes {graph_sizes} (rl.py: up to 256)"
-             f"{'; dry run: no CUDA graph capture on the CPU (the same padded graph path, eagerly)' if suite.dry else ''}.")
+             + ("; dry run: no CUDA graph capture on the CPU (the same padded graph path, eagerly)."
+                if suite.dry else "."))
 
     def run():
         path = Path(suite.tmp.name) / "grpo_7b_flags_ckpt"
@@ -1420,8 +1536,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller workloads and caps (<= 4 minutes)")
     p.add_argument("--dry-run", action="store_true", help="the same sections on the CPU at tiny shapes")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="only these sections")
-    p.add_argument("--budget", type=float, help="seconds for the whole suite (default 480, quick 240)")
+    p.add_argument("--budget", type=float, help="seconds for the whole suite (default 525, quick 285)")
+    p.add_argument("--warm-up-worker", metavar="K/N", help=argparse.SUPPRESS)   # section_warm_up's workers
     args = p.parse_args()
+    if args.warm_up_worker:
+        return warm_up_worker(args)
     if args.dry_run:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         kernel_timings.CPU_REPEATS, kernel_timings.CPU_WARMUP = 1, False

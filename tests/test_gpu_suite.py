@@ -68,7 +68,7 @@ def test_every_check_ran_in_the_dry_run(dry_run):
                   "token_logprobs fused (Triton)", "single-stream decode", "extrapolated to 2 layers",
                   "linear triton forward+backward", "varlen_attention 8K triton forward",
                   "rollout mode on FSDP2 (one rank) == unsharded", "GRPO step on a tiny config (rollout mode, exact mode)",
-                  "GRPO step, the 7B config's flags (one rank)",
+                  "GRPO step, the 7B config's flags (one rank)", "op_correctness kernels compiled ahead (2 workers)",
                   "rollout-mode switch"):
         assert rows[check]["status"] in ("PASS", "ok"), rows[check]
 
