@@ -215,7 +215,8 @@ class Section:
 
 
 class Suite:
-    def __init__(self, args):
+    def __init__(self, args, report: bool = True):
+        """report=False: shapes, device and kernels only (a warm-up worker: no versions, git or report folder)."""
         self.dry, self.quick = args.dry_run, args.quick
         self.device = torch.device("cpu" if self.dry else "cuda")
         if not self.dry and not torch.cuda.is_available():
@@ -229,6 +230,8 @@ class Suite:
         name = torch.cuda.get_device_name() if not self.dry else "cpu"
         self.limits = kernel_timings.device_limits(name)
         self.measured = {}
+        if not report:
+            return
         mode = "dry-run" if self.dry else "quick" if self.quick else "full"
         self.report = Report(Path(args.out), dict(
             command="python benchmarks/gpu_suite.py " + " ".join(sys.argv[1:]), dry_run=self.dry, mode=mode,
@@ -571,9 +574,7 @@ def warm_up_worker(args) -> int:
     """--warm-up-worker K/N: run every N-th op_correctness check from the K-th, results discarded (the section
     runs them for real); print {"checks", "compiled", "seconds"} as the last line."""
     k, n = map(int, args.warm_up_worker.split("/"))
-    with tempfile.TemporaryDirectory() as out:   # the worker's own report, thrown away
-        args.out = out
-        suite = Suite(args)
+    suite = Suite(args, report=False)
     mine = [c for c in ops_correctness_cases(suite) if c[2] is not None][k::n]
     compile_kernels = os.environ.get("TRITON_INTERPRET") != "1"
     started = time.perf_counter()
