@@ -29,7 +29,7 @@ def sections():
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_suite")
+    out = tmp_path_factory.mktemp("device") / "OUT" / "gpu_suite"   # as on a device run: --out "$OUT/gpu_suite"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PROTEGE_KERNELS", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], env=env, cwd=REPO,
@@ -68,6 +68,7 @@ def test_every_check_ran_in_the_dry_run(dry_run):
                   "token_logprobs fused (Triton)", "single-stream decode", "extrapolated to 2 layers",
                   "linear triton forward+backward", "varlen_attention 8K triton forward",
                   "rollout mode on FSDP2 (one rank) == unsharded", "GRPO step on a tiny config (rollout mode, exact mode)",
+                  "GRPO step, the 7B config's flags (one rank)", "op_correctness kernels compiled ahead (2 workers)",
                   "rollout-mode switch"):
         assert rows[check]["status"] in ("PASS", "ok"), rows[check]
 
