@@ -1,7 +1,15 @@
 """Phase 2 end to end on the CPU: `engine/train.py --config configs/grpo-tiny.toml` (bundled tasks, bubblewrap
 sandbox, oracle expert, in-process sampler in rollout mode) on one rank and under torchrun on two, kill -9
-mid-rollout then --resume, and the configuration errors. The tiny random policy gets a different random
-reference model and a KL term, so that its updates are not zero (its task rewards are all equal)."""
+mid-rollout then --resume, and the configuration errors.
+
+The policy is the tiny random base briefly taught (teach_to_loop, a few seconds) to answer most turns (about 9
+in 10) with an empty message (an invalid action: "no tool call"), else with <|endoftext|>, which ends the
+trajectory ("eos"). So a trajectory loops on the same invalid action for a random number of turns, and
+the method's loop term (R_loop: streaks past k1 = 15, with rl.max_steps = 18; and its gate g_loop) gives the
+members of a group different rewards: nonzero advantages. rl.mini_batches = 2 makes the second optimizer step
+of every RL step see a ratio that is not 1 (and some tokens clipped), so the rank and resume comparisons
+cover the advantages, the clip and the importance ratio, not only the KL term (against a different random
+reference model, so that an update whose groups all have equal rewards is not zero either)."""
 import json
 import os
 import subprocess
@@ -29,10 +37,46 @@ METRICS = ("reward_mean", "reward_std", "mean_R_loop", "mean_R_follow", "mean_R_
            "sampler_trainer_logprob_max", "sampler_trainer_logprob_mean", "zero_variance_groups", "stage")
 
 
+def teach_to_loop(model_dir: Path, stay: float = 0.95, turns: int = 17, steps: int = 20) -> None:
+    """A brief SFT of the checkpoint in model_dir, in place: at the start of each assistant turn of a
+    conversation of empty turns (each answered with the agent loop's "no tool call" observation), the target
+    is <|im_end|> (an empty turn) with probability `stay`, else <|endoftext|> (the run ends)."""
+    from protege.engine.chat import Conversation
+    from protege.engine.model import Qwen2ForCausalLM
+    from protege.rollout.agent.loop import SYSTEM_PROMPT, TASK_PROMPT
+    from protege.rollout.agent.tools import TOOLS
+    from protege.rollout.envs.sandbox import SandboxEnvironment
+    from protege.rollout.tasks import bundled_tasks
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    chat = Conversation(tokenizer, TOOLS)   # as the agent loop renders it
+    chat.append({"role": "system", "content": SYSTEM_PROMPT})
+    chat.append({"role": "user", "content": TASK_PROMPT.format(problem=bundled_tasks()[0].problem_statement,
+                                                               repo_dir=SandboxEnvironment.repo_dir)})
+    rows = []   # the positions whose next token is a turn's first
+    for _ in range(turns):
+        rows.append(len(chat.ids) + len(chat.generation_prompt) - 1)
+        chat.append({"role": "assistant", "content": ""})
+        # the observation the agent loop gives a turn without a tool call
+        chat.append({"role": "tool", "content": "Call exactly one tool per turn; your message had no tool call."})
+    ids = torch.tensor(chat.ids)
+    cu_seqlens = torch.tensor([0, len(ids)], dtype=torch.int32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        hidden = model(ids, cu_seqlens, return_hidden=True)[rows]
+        logp = torch.log_softmax(hidden @ model.lm_head_weight.T, dim=-1)
+        loss = -(stay * logp[:, tokenizer.im_end_id] + (1 - stay) * logp[:, tokenizer.endoftext_id]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(model_dir)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("grpo_base")
     make_tiny_base(base, seed=0)
+    teach_to_loop(base)
     reference = tmp_path_factory.mktemp("grpo_ref")
     make_tiny_base(reference, seed=1, tokenizer=Tokenizer.from_dir(base))
     return base, reference
@@ -41,7 +85,10 @@ def models(tmp_path_factory):
 def overrides(models, out: Path, *extra: str) -> list[str]:
     base, reference = models
     return [f"output_dir={json.dumps(str(out))}", f"model.path={json.dumps(str(base))}",
-            f"rl.reference={json.dumps(str(reference))}", "rl.kl_coef=0.05", *extra]
+            f"rl.reference={json.dumps(str(reference))}", "rl.kl_coef=0.05",
+            # Past k1 = 15 repeats the loop term counts: rewards differ within a group (module docstring).
+            # Groups of 4 on 2 ranks: each rank's mini-batches hold the same samples as one rank's.
+            "rl.max_steps=18", "rl.group_size=4", "rl.mini_batches=2", *extra]
 
 
 def run(cmd, **env):
@@ -78,15 +125,22 @@ def test_three_steps_write_every_metric_rollout_and_checkpoint(one_rank):
     for r in records:
         missing = [k for k in METRICS if k not in r]
         assert not missing, missing
-        assert r["trajectories"] == 6 and r["switch_copied_bytes"] == 0
+        assert r["trajectories"] == 8 and r["switch_copied_bytes"] == 0
         assert r["loss"] != 0.0 and r["kl_mean"] >= 0.0
     # Exact mode on the PyTorch path: the trainer's log-probs of the sampled tokens equal the sampler's to
     # 1e-5, so the first update's ratio is 1 (bitwise on the Triton path: tests/test_sampler.py).
     assert all(r["sampler_trainer_logprob_max"] <= 1e-5 and r["first_ratio_max_deviation"] <= 1e-5
                for r in records)
+    # What the rank and resume comparisons train on: in both Stage I steps a group's trajectories looped for
+    # different numbers of turns, so their rewards (R_loop) and advantages differ (measured: 0 and 1 of the 2
+    # groups with equal rewards); every step's second mini-batch has a ratio that is not 1; some tokens clip.
+    assert [r["zero_variance_groups"] < 2 for r in records[:2]] == [True, True]
+    assert any(s["reward"]["R_loop"] < 0 for s in rollouts(one_rank, 1).values())
+    assert all(r["updates"] == 2 and r["ratio_mean"] != 1.0 for r in records)
+    assert any(r["clip_frac_low"] + r["clip_frac_high"] > 0 for r in records)
     for step in (1, 2, 3):
         stored = rollouts(one_rank, step)
-        assert sorted(stored) == [(s, i) for s in (2 * step - 2, 2 * step - 1) for i in range(3)]
+        assert sorted(stored) == [(s, i) for s in (2 * step - 2, 2 * step - 1) for i in range(4)]
         assert {r["reward"]["stage"] for r in stored.values()} == {records[step - 1]["stage"]}
         assert all(r["weight_version"] >= 0 and r["sampling"]["temperature"] == 1.0 for r in stored.values())
     assert (one_rank / "grpo.png").stat().st_size > 0
@@ -110,6 +164,8 @@ def test_two_ranks_give_the_rollouts_and_losses_of_one(models, one_rank, tmp_pat
             assert pairs and max(abs(x - y) for x, y in pairs) <= 1e-5
     for a, b in zip(metrics(one_rank), metrics(out), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["kl_mean"] - b["kl_mean"]) <= 1e-5
+        assert abs(a["ratio_mean"] - b["ratio_mean"]) <= 1e-5
+        assert a["zero_variance_groups"] == b["zero_variance_groups"]
 
 
 def test_kill_mid_rollout_then_resume_reuses_finished_trajectories(models, one_rank, tmp_path):
@@ -142,7 +198,7 @@ def test_a_fresh_start_never_reuses_stored_rollouts(models, tmp_path, capsys):
 @pytest.mark.parametrize("change, differs", [
     (["seed=1"], "seed: 0 there, 1 now"),
     (["rl.temperature=0.7"], "sampling.temperature: 1.0 there, 0.7 now"),
-    (["rl.max_steps=5"], "agent.max_steps: 4 there, 5 now"),
+    (["rl.max_steps=5"], "agent.max_steps: 18 there, 5 now"),
     (['rl.stages=["1-3", "4-160"]'], "reward.stages: ['1-2', '3-160'] there, ['1-3', '4-160'] now"),
     (["TASKS"], "tasks.sha256: "),
     (["MODEL"], "model.path: "),
