@@ -236,8 +236,8 @@ def write_report(runs: list[tuple[str, list[dict]]], out: str | os.PathLike, set
     lines += ["Pass@1 is the mean resolve rate over attempts; its interval is the 95% Wilson score interval at the "
               "effective sample size of the cluster-robust standard error (a task's attempts are not independent; "
               "between one observation per task and one per attempt). Expert token share: tokens of expert "
-              "guidance in the agent's context / all context tokens. Cost: expert and policy API spend (the hidden judge's is not charged to the task). "
-              "A streak is a run of identical normalised actions.", ""]
+              "guidance in the agent's context / all context tokens. Cost: expert and policy API spend (the "
+              "hidden judge's is not charged to the task). A streak is a run of identical normalised actions.", ""]
     if settings:
         lines += ["## Settings", ""]
         for (name, _, _), s in zip(full, settings):

@@ -327,8 +327,13 @@ def run_identity(cfg: TrainConfig, base: str, stages) -> dict:
             "groups": {"prompts_per_step": rl.prompts_per_step, "group_size": rl.group_size}}
 
 
+def _stored_rollout_files(run_dir: Path) -> list[str]:
+    """The non-empty rollouts/step_N.jsonl files an earlier run left in run_dir."""
+    return sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+
+
 def _refuse_fresh_start_over_rollouts(run_dir: Path, resume: bool) -> None:
-    stored = sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+    stored = _stored_rollout_files(run_dir)
     if stored and not resume:
         raise ConfigError(f"{run_dir / 'rollouts'} holds another run's stored rollouts ({', '.join(stored[:3])}"
                           f"{' ...' if len(stored) > 3 else ''}): pass --resume to continue that run, or choose "
@@ -337,7 +342,7 @@ def _refuse_fresh_start_over_rollouts(run_dir: Path, resume: bool) -> None:
 
 def _check_stored_identity(run_dir: Path, identity: dict) -> None:
     """--resume: stored rollouts are reused only when the run is the one that stored them."""
-    stored = sorted(p.name for p in (run_dir / "rollouts").glob("step_*.jsonl") if p.stat().st_size)
+    stored = _stored_rollout_files(run_dir)
     if not stored:
         return
     path = run_dir / "rollouts" / IDENTITY
