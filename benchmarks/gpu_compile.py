@@ -140,7 +140,8 @@ def launches():
                                        ("attn_dkdv", attention._attn_bwd_dkdv_kernel, tiles["dkdv"]),
                                        ("attn_dq", attention._attn_bwd_dq_kernel, tiles["dq"])):
                 args = {k: v for k, v in {**T, **strides}.items() if k in fn.arg_names}
-                add(f"{name} {dt} d={hd}", fn, tiles["launch"], **args, **consts, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
+                opts = dict(tiles["launch"], **attention.SAME_ROUNDING) if name == "attn_fwd" else tiles["launch"]
+                add(f"{name} {dt} d={hd}", fn, opts, **args, **consts, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn)
             delta = attention._attn_bwd_delta_kernel
             add(f"attn_delta {dt} d={hd}", delta, **{k: v for k, v in {**T, **strides}.items() if k in delta.arg_names},
                 HEAD_DIM=hd, BLOCK_D=consts["BLOCK_D"], BLOCK_M=tiles["dq"][0])
@@ -152,7 +153,8 @@ def launches():
                                               ("fast prefill", 2, False, "prefill")):
                 t = paged_attention.decode_plan(True, torch_dt, hd, 7, exact)[part]
                 split_min, max_splits = t["split"] or (0, 1)
-                add(f"paged {name} {dt} d={hd}", paged_attention._paged_attn_kernel, t["launch"], **paged,
+                add(f"paged {name} {dt} d={hd}", paged_attention._paged_attn_kernel,
+                    dict(t["launch"], **paged_attention.SAME_ROUNDING), **paged,
                     BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=select, SPLIT=t["split"] is not None,
                     SPLIT_MIN=split_min, MAX_SPLITS=max_splits)
             # exact mode's decode tiles (exact_decode_block_m): 64 rows on sm_90, 16 on sm_80
@@ -161,7 +163,7 @@ def launches():
                 if any(name == f"paged exact decode m{t['block_m']} {dt} d={hd}" for name, *_ in out):
                     continue   # fp32: one tile on both
                 add(f"paged exact decode m{t['block_m']} {dt} d={hd}", paged_attention._paged_attn_kernel,
-                    t["launch"], **paged, BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=1, SPLIT=False,
+                    dict(t["launch"], **paged_attention.SAME_ROUNDING), **paged, BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], SELECT=1, SPLIT=False,
                     SPLIT_MIN=0, MAX_SPLITS=1)
             split_min, max_splits = paged_attention.SPLITS[True]
             add(f"paged merge {dt} d={hd}", paged_attention._merge_pieces_kernel, O=P, O_PART=f32, ML_PART=f32,
@@ -211,11 +213,26 @@ def same_mma_groups(arch):
     return groups
 
 
-def mma_instructions(arch, name):
+def uncontracted(arch):
+    """Kernels whose fp32 softmax arithmetic must round the same in every launch that shares its bits (the
+    training attention forward and exact paged attention; the fused log-prob and head_logits): compiled without
+    multiply-add contraction, their PTX holds no fma. With contraction the training forward's unmasked key
+    blocks fused s * scale - max while the masked ones and the paged kernel did not: an H200 showed the bits."""
+    names = []   # bf16 only: an fp32 dot is itself a chain of fma (in its fixed K order)
+    for hd in (128, 64):
+        decode_m = paged_attention.decode_plan(True, torch.bfloat16, hd, 7, True, (arch // 10, arch % 10))["decode"]
+        names += [f"attn_fwd bf16 d={hd}", f"paged exact bf16 d={hd}", f"paged exact decode m{decode_m['block_m']} bf16 d={hd}"]
+    return names + ["tlp_split bf16", "tlp_head_logits bf16"]
+
+
+def ptx(arch, name):
     fn, args, opts = next((f, a, o) for n, f, a, o in launches() if n == name)
     with contextlib.redirect_stdout(io.StringIO()):   # compiled already: Triton's cache answers
-        c = compile_launch(fn, args, opts, arch)
-    return tuple(sorted(set(re.findall(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)", c.asm["ptx"]))))
+        return compile_launch(fn, args, opts, arch).asm["ptx"]
+
+
+def mma_instructions(arch, name):
+    return tuple(sorted(set(re.findall(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)", ptx(arch, name)))))
 
 
 def _check_job(job):
@@ -244,6 +261,12 @@ def main():
                   + (f"same MMA instructions {next(iter(found.values()))}" if ok else f"different MMA instructions {found}"))
             if not ok:
                 fails.append(f"sm_{arch} {group}")
+        names = [n for n in uncontracted(arch) if f"sm_{arch} {n}" not in fails]
+        fused = [n for n in names if re.search(r"\bfma\.rn\.f32\b", ptx(arch, n))]
+        print(f"{'FAIL' if fused else 'ok  '} sm_{arch} no multiply-add contraction in {len(names)} kernels"
+              + (f": fma in {fused}" if fused else ""))
+        if fused:
+            fails.append(f"sm_{arch} fma in {fused}")
     print("FAILED:", fails)
     sys.exit(1 if fails else 0)
 

@@ -30,6 +30,8 @@ def test_all_triton_kernels_compile_for_nvidia():
     # Tiles that must give the same bits compile to one tensor-core instruction (the MMA check ran).
     assert re.search(r"^ok +sm_90 linear bf16: same MMA instructions \('wgmma", proc.stdout, re.M), proc.stdout[-3000:]
     assert re.search(r"^ok +sm_80 paged exact vs attn_fwd bf16 d=128: same MMA instructions \('mma", proc.stdout, re.M)
+    # ... and their softmax arithmetic rounds alike: no multiply-add contraction (the fma check ran).
+    assert re.search(r"^ok +sm_90 no multiply-add contraction in 8 kernels$", proc.stdout, re.M), proc.stdout[-3000:]
 
 
 def test_too_much_shared_memory_fails_the_check():

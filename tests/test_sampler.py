@@ -111,6 +111,23 @@ def test_logprobs_bit_identical_to_training_on_triton_path(model, monkeypatch):
         assert torch.equal(torch.tensor(out.logprobs), want)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_exact_mode_reports_the_trainers_op(model, monkeypatch, exact):
+    """Exact mode's log-probs come from token_logprobs itself, never from a reduction over the stored logits:
+    on an H200 that reduction sums in another order than the fused op (bits differ); fast mode keeps the
+    single pass over the LM head."""
+    from protege.kernels import dispatch
+    calls = []
+    for name in ("token_logprobs", "logprobs_from_logits"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(model, "exact", exact)
+    sampler = Sampler(model, num_blocks=16, block_size=4, max_num_batched_tokens=8)
+    sampler.generate(prompts_of([7], seed=4), SamplingParams(temperature=0.8, top_p=0.9, max_tokens=3, seed=1,
+                                                             ignore_eos=True))
+    assert calls and set(calls) == {"token_logprobs" if exact else "logprobs_from_logits"}
+
+
 def run_request(sampler, prompt, params):
     request_id = sampler.add_request(prompt, params)
     while True:

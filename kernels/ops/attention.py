@@ -233,6 +233,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, qk_scale, sm_sc
                 dq * sm_scale, HEAD_DIM)
 
 
+# The forward compiled without multiply-add contraction: its unmasked key blocks would otherwise fuse
+# s * scale - max into one rounding, its masked ones (and the paged kernel's) not, and the sampler's exact-mode
+# rows would differ from the trainer's in the last fp32 bit (seen on an H200: bf16 outputs flipped now and then).
+SAME_ROUNDING = {"enable_fp_fusion": False}
+
+
 def _tiles(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """Fixed tile sizes (never a function of the token count: batch invariance). The interpreter gets small
     tiles so that tests cross block boundaries with tiny shapes. The GPU values follow the Triton
@@ -321,7 +327,7 @@ def _forward(q, k, v, cu_seqlens, longest, causal, scale):
     _attn_fwd_kernel[grid](q, k, v, o, lse, cu_seqlens, scale * math.log2(math.e), n_tokens,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                            o.stride(0), o.stride(1), GROUP=n_heads // k.shape[1], BLOCK_M=block_m,
-                           BLOCK_N=block_n, CAUSAL=causal, **consts, **tiles["launch"])
+                           BLOCK_N=block_n, CAUSAL=causal, **consts, **tiles["launch"], **SAME_ROUNDING)
     return o, lse
 
 

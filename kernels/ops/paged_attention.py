@@ -35,6 +35,7 @@ from protege.kernels._validate import INTERPRETING
 # The trainer's tiles, dot dtype and precision: the same choices give the same numbers.
 from protege.kernels.ops.attention import _launch_config as training_launch_config
 from protege.kernels.ops.attention import _tiles as training_tiles
+from protege.kernels.ops.attention import SAME_ROUNDING
 
 
 @triton.jit
@@ -268,7 +269,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, cont
             scale * math.log2(math.e), n_heads, n_part, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
             k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), PAGE=page, GROUP=group,
             BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"], SELECT=select, SPLIT=tiles["split"] is not None,
-            SPLIT_MIN=split_min, MAX_SPLITS=max_splits, **consts, **tiles["launch"])
+            SPLIT_MIN=split_min, MAX_SPLITS=max_splits, **consts, **tiles["launch"], **SAME_ROUNDING)
 
     def tiles_for(tiles, query_len):  # query tiles of the longest sequence
         return triton.cdiv(query_len * group, tiles["block_m"])

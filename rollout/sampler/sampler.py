@@ -344,9 +344,11 @@ class Sampler:
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
         """Draw each row's token from softmax(z), z the temperature-scaled fp32 logits exactly as
-        kernels.token_logprobs computes them, and report log p(token) of that same distribution from the same
-        z (one pass over the LM head). Row i's uniform number is philox(its seed, its position): one launch for
-        the batch, and a sample's draws depend on its seed only, never on the batch."""
+        kernels.token_logprobs computes them, and report log p(token) of that distribution. Exact mode: by
+        token_logprobs itself, the trainer's op, so the bits are the trainer's (a second pass over the LM head:
+        on a GPU a reduction over stored z sums in another order than the fused op's, found on an H200); fast
+        mode: from the same z (one pass). Row i's uniform number is philox(its seed, its position): one launch
+        for the batch, and a sample's draws depend on its seed only, never on the batch."""
         weight = self.model.lm_head_weight
         params = [s.params for s in seqs]
         n = len(seqs)
@@ -361,14 +363,15 @@ class Sampler:
             out = torch.empty(3, n, dtype=torch.float64, device=self.device)   # token, log-prob, complete
             for temperature, idx in by_temperature.items():
                 index = None if len(idx) == n else self._upload(idx, torch.int64)
-                z = kernels.head_logits(hidden if index is None else hidden[index], weight, temperature)
-                groups.append((idx, index, z))
+                h = hidden if index is None else hidden[index]
+                z = kernels.head_logits(h, weight, temperature)
+                groups.append((idx, index, h, z))
                 picked, complete = sample_tokens(z, [params[i] for i in idx],
                                                  uniforms if index is None else uniforms[index],
                                                  self.top_p_candidates)
                 rows = slice(None) if index is None else index
                 tokens[rows] = picked
-                out[1, rows] = kernels.logprobs_from_logits(z, picked).double()
+                out[1, rows] = self._logprobs(h, z, picked, temperature).double()
                 out[2, rows] = complete.double()
             out[0] = tokens.double()   # fp64 holds token ids exactly
             both = out.tolist()        # the step's one device-to-host transfer
@@ -381,16 +384,22 @@ class Sampler:
     def _redraw(self, both, groups, params, uniforms) -> None:
         """Rows whose nucleus was wider than the candidates, drawn again over the sorted vocabulary from the same z
         and number (rare: its reads back are the only ones besides the step's)."""
-        for idx, index, z in groups:
+        for idx, index, h, z in groups:
             local = [k for k, i in enumerate(idx) if not both[2][i]]
             if not local:
                 continue
             rows = torch.tensor(local, device=self.device)
             mine = uniforms if index is None else uniforms[index]
             picked, _ = sample_tokens(z[rows], [params[idx[k]] for k in local], mine[rows], candidates=None)
-            logp = kernels.logprobs_from_logits(z[rows], picked)
+            logp = self._logprobs(h[rows], z[rows], picked, params[idx[local[0]]].temperature or 1.0)
             for k, token, value in zip(local, picked.tolist(), logp.double().tolist()):
                 both[0][idx[k]], both[1][idx[k]] = token, value
+
+    def _logprobs(self, hidden, z, tokens, temperature) -> torch.Tensor:
+        """log p(tokens) [rows] fp32: the trainer's fused op in exact mode, else from z (see _sample)."""
+        if self.model.exact:
+            return kernels.token_logprobs(hidden, self.model.lm_head_weight, tokens, temperature, check_ids=False)
+        return kernels.logprobs_from_logits(z, tokens)
 
     def _upload(self, values, dtype) -> torch.Tensor:
         """Host numbers onto the device without blocking it: through pinned memory on CUDA (the caching host
