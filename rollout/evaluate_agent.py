@@ -306,7 +306,8 @@ def _main(args) -> int:
     results_path = out / "results.jsonl"
     done = read_results(results_path)
     wanted = {(t.instance_id, a) for t in tasks for a in range(args.attempts)}
-    done = {k: v for k, v in done.items() if k in wanted}
+    # An attempt the infrastructure failed is run again (its new line replaces the old one).
+    done = {k: v for k, v in done.items() if k in wanted and not v.get("infrastructure_error")}
     todo = [(t, a) for t in tasks for a in range(args.attempts) if (t.instance_id, a) not in done]
     if done:
         print(f"resuming {out}: {len(done)} attempt(s) done, {len(todo)} to run", file=sys.stderr, flush=True)

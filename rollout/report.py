@@ -62,10 +62,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def summarize(records: list[dict]) -> dict:
-    """The figures of one run's per-attempt records (results.json's "instances")."""
+    """The figures of one run's per-attempt records (results.json's "instances"). An attempt the
+    infrastructure failed (environment start, sampler, evaluator, judge transport) says nothing about the
+    policy: it is counted in "infrastructure_failures" and left out of every other figure."""
+    failed = [r for r in records if r.get("infrastructure_error")]
+    records = [r for r in records if not r.get("infrastructure_error")]
     n = len(records)
     if n == 0:
-        return {"tasks": 0, "trajectories": 0}
+        return {"tasks": 0, "trajectories": 0, "infrastructure_failures": len(failed)}
     resolved = sum(bool(r["resolved"]) for r in records)
     by_task: dict[str, list[dict]] = {}
     for r in records:
@@ -75,7 +79,7 @@ def summarize(records: list[dict]) -> dict:
     attempts = min(len(v) for v in by_task.values())
     total_tokens = sum(r["tokens"]["total"] for r in records)
     out = {
-        "tasks": len(by_task), "trajectories": n, "attempts": attempts,
+        "tasks": len(by_task), "trajectories": n, "infrastructure_failures": len(failed), "attempts": attempts,
         "resolved": resolved,
         "pass@1": statistics.fmean(rates),
         "pass@1_ci95": [low, high],
@@ -218,7 +222,7 @@ def _row(name: str, s: dict) -> list[str]:
             passk, f"{s['expert_calls_per_task']:.2f}", f"{100 * s['expert_token_share']:.1f}%",
             f"${s['cost_per_task_usd']:.3f}", f"{s['steps_mean']:.1f} / {s['steps_median']:g}",
             *(f"{100 * s[f'streak>{t}']:.1f}%" for t in LOOP_THRESHOLDS),
-            ", ".join(f"{k} {v}" for k, v in sorted(s["termination"].items()))]
+            ", ".join(f"{k} {v}" for k, v in sorted(s["termination"].items())), str(s["infrastructure_failures"])]
 
 
 def write_report(runs: list[tuple[str, list[dict]]], out: str | os.PathLike, settings: list[dict] | None = None) -> dict:
@@ -229,7 +233,7 @@ def write_report(runs: list[tuple[str, list[dict]]], out: str | os.PathLike, set
     full = [r for r in full if r[2]["trajectories"]]
     header = ["run", "tasks", "trajectories", "Pass@1 [95% CI]", "Pass@k", "expert calls / task",
               "expert token share", "cost / task", "steps mean / median",
-              *(f"streak > {t}" for t in LOOP_THRESHOLDS), "termination"]
+              *(f"streak > {t}" for t in LOOP_THRESHOLDS), "termination", "infrastructure failures"]
     lines = ["# Evaluation report", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              *("| " + " | ".join(_row(name, s)) + " |" for name, _, s in full), ""]
@@ -237,7 +241,9 @@ def write_report(runs: list[tuple[str, list[dict]]], out: str | os.PathLike, set
               "effective sample size of the cluster-robust standard error (a task's attempts are not independent; "
               "between one observation per task and one per attempt). Expert token share: tokens of expert "
               "guidance in the agent's context / all context tokens. Cost: expert and policy API spend (the "
-              "hidden judge's is not charged to the task). A streak is a run of identical normalised actions.", ""]
+              "hidden judge's is not charged to the task). A streak is a run of identical normalised actions. "
+              "Infrastructure failures (environment start, sampler, evaluator, judge transport) are counted apart "
+              "and left out of every other column; a resumed run runs them again.", ""]
     if settings:
         lines += ["## Settings", ""]
         for (name, _, _), s in zip(full, settings):

@@ -234,6 +234,8 @@ def test_failed_expert_call_is_recorded_and_the_run_goes_on(task, env, tok, serv
     assert call.observation_tokens == 0 and traj.expert_tokens == 0   # the failure note is not expert output
     assert traj.actions[0].observation.startswith("ask_expert failed:")
     assert traj.actions[1].observation.startswith("after")
+    # The expert's API failed, not the policy: GRPO leaves the trajectory out, reports count it apart.
+    assert traj.infrastructure_error.startswith("expert: ") and "HTTP 500" in traj.infrastructure_error
 
 
 def test_judge_sees_each_calls_segment_only(task, env, tok, server):

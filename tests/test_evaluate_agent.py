@@ -102,6 +102,22 @@ def test_kill_9_then_rerun_finishes_without_redoing_finished_attempts(gold_run, 
     assert "2 attempt(s) done, 0 to run" in capsys.readouterr().err
 
 
+def test_a_rerun_runs_again_the_attempts_the_infrastructure_failed(gold_run, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(gold_run, out)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    failed = dict(json.loads(lines[0]), resolved=False, termination="error",
+                  infrastructure_error="environment start: the daemon did not answer")
+    (out / "results.jsonl").write_text("\n".join([json.dumps(failed), *lines[1:]]) + "\n")
+    args = ["--tasks", str(TASKS), "--policy", "scripted", "--backend", "sandbox", "--out", str(out),
+            "--concurrency", "1", *LIMIT]
+    assert main(args) == 0
+    assert "1 attempt(s) done, 1 to run" in capsys.readouterr().err
+    resumed = json.loads((out / "results.json").read_text())["instances"]
+    assert stable(resumed) == stable(json.loads((gold_run / "results.json").read_text())["instances"])
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_a_task_file_with_a_missing_field_fails_before_any_work(tmp_path, capsys):
@@ -331,3 +347,19 @@ def test_sampler_policy_loads_a_checkpoint_in_the_compute_dtype(tmp_path):
     finally:
         policy.server.close()
     assert compute_dtype("cuda") == torch.bfloat16 and compute_dtype("cpu") == torch.float32
+
+
+def test_infrastructure_failures_are_counted_apart_not_as_unresolved():
+    """An attempt whose environment never started says nothing about the policy: 2 tasks x 2 attempts, task A
+    resolved once and failed by the infrastructure once: Pass@1 is over the 3 attempts the policy ran."""
+    from protege.rollout.report import summarize
+    base = {"tokens": {"total": 1, "expert": 0}, "expert_calls": 0, "cost_usd": 0.0, "steps": 1,
+            "termination": "submitted", "longest_streak": 0}
+    records = [dict(base, instance_id="A", attempt=0, resolved=True),
+               dict(base, instance_id="A", attempt=1, resolved=False, termination="error",
+                    infrastructure_error="environment start: daemon gone"),
+               dict(base, instance_id="B", attempt=0, resolved=True),
+               dict(base, instance_id="B", attempt=1, resolved=False)]
+    s = summarize(records)
+    assert s["infrastructure_failures"] == 1 and s["trajectories"] == 3
+    assert s["pass@1"] == pytest.approx((1.0 + 0.5) / 2) and s["termination"] == {"submitted": 3}

@@ -7,13 +7,15 @@
    OracleExpert, runs the tests and submits, in the bubblewrap sandbox; resolved ones are kept;
 3. fine-tunes a small random Qwen2 on them (engine/train.py's SFT loop), briefly: room is left to learn;
 4. runs a few GRPO steps on the SFT model's own rollouts (engine/train.py's phase 2, shaped rewards);
-5. measures resolve rate, reward, loop rate and steps on held-out seeds after SFT and after GRPO. The tasks are the ones it trains on: this shows the loop learns, not that a 0.7M-parameter
-   model generalises. At scale: a real Qwen2.5 directory + `torchrun engine/train.py` (README)."""
+5. measures resolve rate, loop rate, Stage I reward and steps on held-out seeds (several per task) after SFT
+   and after GRPO, with 95% intervals clustered by task, and GRPO's paired change per task. The tasks are the
+   ones it trains on: this shows the loop learns, not that a 0.7M-parameter model generalises. At scale: a real Qwen2.5 directory + `torchrun engine/train.py` (README)."""
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,29 +50,74 @@ def sampler_policy(checkpoint: Path, *extra: str) -> list[str]:
             "--max-context-tokens", "8192", "--max-turn-tokens", "320", "--kv-cache-gb", "0.25", "--no-judge", *extra]
 
 
-def held_out(out: Path, checkpoint: Path) -> dict:
-    """Sampled (temperature 1) on every bundled task with seeds no training step used: resolve rate, mean
-    Stage I reward, loop rate, steps."""
+def held_out(out: Path, checkpoint: Path, attempts: int) -> list[dict]:
+    """Sampled (temperature 1) on every bundled task, `attempts` seeds each that no training step used: per
+    trajectory its task, resolved, loop (a streak of > 10 identical actions), steps and Stage I reward."""
     from protege.rewards.curriculum import Curriculum
-    from protege.rewards.shaping import score
+    from protege.rewards.shaping import action_streaks, score
+    from protege.rewards.stats import loops
     from protege.rollout.agent.trajectory import load_trajectories
-    summary = collect(out, checkpoint, sampler_policy(checkpoint, "--attempts", str(EVAL_ATTEMPTS),
-                                                      "--seed", str(EVAL_SEED)))
+    collect(out, checkpoint, sampler_policy(checkpoint, "--attempts", str(attempts), "--seed", str(EVAL_SEED)))
     stage_one = Curriculum.default().stage_at(1).reward
-    scores = [score(t.reward_input(), stage_one).R_total for t in load_trajectories(out / "trajectories.jsonl")]
-    return {"resolve_rate": summary["resolve_rate"], "reward": sum(scores) / len(scores),
-            "loop_rate": summary["loop_rate"], "steps": summary["steps_mean"]}
+    return [{"task": t.task_id, "resolved": float(bool(t.resolved)), "loop": float(loops(action_streaks(t.actions))),
+             "steps": float(t.steps), "reward": score(t.reward_input(), stage_one).R_total}
+            for t in load_trajectories(out / "trajectories.jsonl")]
 
 
-EVAL_SEED, EVAL_ATTEMPTS = 10_007, 1   # held-out: GRPO samples with seeds derived from the run seed (0)
+EVAL_SEED = 10_007   # held-out: GRPO samples with seeds derived from the run seed (0)
+METRICS = ("resolved", "loop", "reward", "steps")
+
+
+def by_task(records: list[dict], metric: str) -> dict[str, float]:
+    """Each task's mean of `metric` over its attempts (a task's attempts share its difficulty: one cluster)."""
+    tasks: dict[str, list[float]] = {}
+    for r in records:
+        tasks.setdefault(r["task"], []).append(r[metric])
+    return {task: statistics.fmean(v) for task, v in tasks.items()}
+
+
+def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-task values with a normal 95% interval over the tasks (the
+    cluster-robust standard error: a task's attempts are not independent)."""
+    m = statistics.fmean(values)
+    half = z * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return m, m - half, m + half
+
+
+def eval_figures(records: list[dict]) -> dict:
+    """Resolve rate and loop rate with rollout.report's clustered Wilson interval, mean reward and steps with
+    mean_interval; every figure over all attempts of all tasks."""
+    from protege.rollout.report import clustered_interval
+    out = {"trajectories": len(records), "tasks": len(by_task(records, "resolved"))}
+    for metric in METRICS:
+        rates = list(by_task(records, metric).values())
+        m = statistics.fmean(r[metric] for r in records)
+        low, high = clustered_interval(rates, len(records)) if metric in ("resolved", "loop") else mean_interval(rates)[1:]
+        out[metric] = {"mean": round(m, 4), "ci95": [round(low, 4), round(high, 4)]}
+    return out
+
+
+def paired_change(before: list[dict], after: list[dict]) -> dict:
+    """after - before per task (same tasks, same seeds), averaged over tasks with mean_interval: the change
+    is signal when its interval excludes 0."""
+    out = {}
+    for metric in METRICS:
+        b, a = by_task(before, metric), by_task(after, metric)
+        diffs = [a[t] - b[t] for t in b if t in a]
+        m, low, high = mean_interval(diffs)
+        out[metric] = {"mean": round(m, 4), "ci95": [round(low, 4), round(high, 4)],
+                       "tasks_up": sum(d > 0 for d in diffs), "tasks_down": sum(d < 0 for d in diffs)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m protege.engine.training.quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=40, help="SFT optimizer steps (short: leave GRPO room to learn)")
-    p.add_argument("--rl-steps", type=int, default=3, help="GRPO steps after SFT (0: phase 1 only)")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
+    p.add_argument("--steps", type=int, default=90, help="SFT optimizer steps (each over every SFT trajectory)")
+    p.add_argument("--rl-steps", type=int, default=6, help="GRPO steps after SFT (0: phase 1 only)")
+    p.add_argument("--lr", type=float, default=1e-2, help="SFT peak learning rate")
+    p.add_argument("--rl-lr", type=float, default=1e-3, help="GRPO learning rate")
+    p.add_argument("--eval-attempts", type=int, default=3, help="held-out seeds per task in each evaluation")
     p.add_argument("--skip-eval", action="store_true", help="do not measure resolve rates with the sampler")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -118,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               "rewards, in-process sampler", flush=True)
         rl_cfg = load_config(None, [
             'phase="grpo"', f"output_dir={json.dumps(str(out / 'grpo'))}", f"model.path={json.dumps(str(sft_model))}",
-            f"train.steps={args.rl_steps}", "train.lr=2e-4", "train.micro_batch_tokens=16384", "train.min_lr_ratio=1.0",
+            f"train.steps={args.rl_steps}", f"train.lr={args.rl_lr}", "train.micro_batch_tokens=16384", "train.min_lr_ratio=1.0",
             "checkpoint.every=0", "checkpoint.keep_last=1", "log.progress=false", "rl.prompts_per_step=4",
             "rl.group_size=4", 'rl.backend="sandbox"', f"rl.max_steps={MAX_STEPS}", "rl.max_context_tokens=8192",
             "rl.max_turn_tokens=320", "rl.max_envs=8", "rl.command_timeout_s=30"])
@@ -127,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                       grpo_plot=rl_summary["plot"])
     if not args.skip_eval:
         print("[5/5] held-out seeds on the bundled tasks, through the engine's sampler: before and after", flush=True)
-        report["after_sft"] = held_out(out / "eval-sft", sft_model)
+        before = held_out(out / "eval-sft", sft_model, args.eval_attempts)
+        report["after_sft"] = eval_figures(before)
         if args.rl_steps:
-            report["after_grpo"] = held_out(out / "eval-grpo", Path(report["grpo_checkpoint"]))
+            after = held_out(out / "eval-grpo", Path(report["grpo_checkpoint"]), args.eval_attempts)
+            report["after_grpo"] = eval_figures(after)
+            report["grpo_change"] = paired_change(before, after)
     report["minutes"] = round((time.perf_counter() - started) / 60, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\nQuickstart report (also in " + str(out / "report.json") + "):")

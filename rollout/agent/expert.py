@@ -22,15 +22,16 @@ class ExpertReply:
     cost_usd: float = 0.0
     retries: int = 0
     error: str | None = None
+    unavailable: bool = False          # the expert's API did not answer (transport): not the policy's doing
 
 
 def wrap_guidance(text: str) -> str:
     return f"{GUIDANCE_OPEN}\n{text.strip()}\n{GUIDANCE_CLOSE}"
 
 
-def failed_reply(error: str, retries: int = 0) -> ExpertReply:
+def failed_reply(error: str, retries: int = 0, unavailable: bool = False) -> ExpertReply:
     return ExpertReply(observation=f"ask_expert failed: {error}. Continue on your own.", retries=retries,
-                       error=error)
+                       error=error, unavailable=unavailable)
 
 
 def format_messages(messages: list[dict], limit: int = 4000) -> str:
@@ -65,7 +66,7 @@ class AnthropicExpert:
         try:
             done = self.client.complete(system, [{"role": "user", "content": prompt}])
         except ExpertUnavailable as e:
-            return failed_reply(str(e), e.retries)
+            return failed_reply(str(e), e.retries, unavailable=True)
         return ExpertReply(wrap_guidance(done.text), done.text, done.input_tokens, done.output_tokens,
                            done.cost_usd, done.retries)
 

@@ -7,7 +7,7 @@ max_turn_tokens (a generation reached the policy's per-turn cap, max_turn_tokens
 context), eos (the model ended the conversation with an end-of-text token instead of <|im_end|>), time (the
 run's wall-clock limit), budget (the expert's cost reached the budget), error (the environment, policy or expert raised).
 A failure of the infrastructure (the environment does not start, a sampler step, the evaluator, the
-judge's transport) is also recorded as the trajectory's infrastructure_error: the policy did not cause it.
+expert's or the judge's transport) is also recorded as the trajectory's infrastructure_error: the policy did not cause it.
 Whatever the ending, the final patch is the repository's diff at that point. Afterwards the hidden judge
 scores every answered expert call. run_batch runs many (task, policy) jobs on threads, so a slow command
 holds up only its own trajectory."""
@@ -127,6 +127,8 @@ class _Run:
         call.answer, call.error, call.retries = reply.guidance, reply.error, reply.retries
         call.input_tokens, call.output_tokens, call.cost_usd = reply.input_tokens, reply.output_tokens, reply.cost_usd
         self.expert_cost += reply.cost_usd
+        if reply.unavailable and self.traj.infrastructure_error is None:
+            self.traj.infrastructure_error = f"expert: {reply.error}"
         return reply.observation
 
     def judge(self) -> None:
