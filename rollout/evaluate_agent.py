@@ -135,27 +135,16 @@ def check_backend(args, tasks: list[Task]) -> None:
     except Exception as e:  # noqa: BLE001 -- the SDK raises several kinds for "no daemon"
         raise InputError(f"--backend docker: cannot reach a Docker engine ({type(e).__name__}: {e}); start dockerd "
                          "or use --backend sandbox") from None
-    missing, to_build = [], []
-    for task in tasks:
-        try:
-            client.images.get(task.image)
-            present = True
-        except docker.errors.ImageNotFound:
-            present = False
-        if task.source is not None:
-            to_build.append(task)       # bundled: (re)built unless current
-        elif not present:
-            missing.append(f"{task.instance_id} ({task.image})")
+    from protege.rollout.envs.images import prepare_images
+    try:
+        missing = prepare_images(client, tasks, base=args.base_image,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))["missing"]
+    except RuntimeError as e:
+        raise InputError(f"building task images: {e}") from None
     if missing:
-        raise InputError(f"{len(missing)} task image(s) are neither present locally nor buildable here: "
+        raise InputError(f"{len(missing)} task image(s) are neither present locally nor buildable here "
+                         "(python -m protege.rollout.envs.images prepare --tasks FILE --pull): "
                          + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    if to_build:
-        from protege.rollout.envs.images import build_images
-        try:
-            build_images(to_build, base=args.base_image, client=client,
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
-        except RuntimeError as e:
-            raise InputError(f"building task images: {e}") from None
 
 
 def load_policy(args, tokenizer):

@@ -80,6 +80,8 @@ class RLSection:
     group_size: int = 6             # G: trajectories per task (a group stays on one rank)
     stages: list[str] = field(default_factory=lambda: ["1-80", "81-160"])   # curriculum: Stage I, Stage II
     backend: str = "auto"           # auto (Docker when it answers, else sandbox) | docker | sandbox
+    pull_images: bool = False       # docker: pull task images missing on the host at start (else refuse the run)
+    base_image: str = "debootstrap"  # docker: what bundled task images build on (or a registry image)
     max_envs: int = 32              # environments (containers) at once per rank
     expert: str = "oracle"          # oracle | anthropic | none
     expert_model: str = "claude-sonnet-4-5"

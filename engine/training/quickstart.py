@@ -7,8 +7,8 @@
    OracleExpert, runs the tests and submits, in the bubblewrap sandbox; resolved ones are kept;
 3. fine-tunes a small random Qwen2 on them (engine/train.py's SFT loop), briefly: room is left to learn;
 4. runs a few GRPO steps on the SFT model's own rollouts (engine/train.py's phase 2, shaped rewards);
-5. measures resolve rate, loop rate, Stage I reward and steps on held-out seeds (several per task) after SFT
-   and after GRPO, with 95% intervals clustered by task, and GRPO's paired change per task. The tasks are the
+5. measures resolve rate, loop rate, Stage I reward and steps on held-out seeds: of the random base model (one
+   per task), after SFT and after GRPO (several per task), with 95% intervals clustered by task, and GRPO's paired change per task. The tasks are the
    ones it trains on: this shows the loop learns, not that a 0.7M-parameter model generalises. At scale: a real Qwen2.5 directory + `torchrun engine/train.py` (README)."""
 from __future__ import annotations
 
@@ -113,10 +113,10 @@ def paired_change(before: list[dict], after: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m protege.engine.training.quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=90, help="SFT optimizer steps (each over every SFT trajectory)")
-    p.add_argument("--rl-steps", type=int, default=6, help="GRPO steps after SFT (0: phase 1 only)")
+    p.add_argument("--steps", type=int, default=150, help="SFT optimizer steps (each over every SFT trajectory)")
+    p.add_argument("--rl-steps", type=int, default=5, help="GRPO steps after SFT (0: phase 1 only)")
     p.add_argument("--lr", type=float, default=1e-2, help="SFT peak learning rate")
-    p.add_argument("--rl-lr", type=float, default=1e-3, help="GRPO learning rate")
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate")
     p.add_argument("--eval-attempts", type=int, default=3, help="held-out seeds per task in each evaluation")
     p.add_argument("--skip-eval", action="store_true", help="do not measure resolve rates with the sampler")
     args = p.parse_args(argv)
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                       grpo_plot=rl_summary["plot"])
     if not args.skip_eval:
         print("[5/5] held-out seeds on the bundled tasks, through the engine's sampler: before and after", flush=True)
+        # The random base model: one seed per task is enough to see where SFT starts from.
+        report["before_sft"] = eval_figures(held_out(out / "eval-base", base, 1))
         before = held_out(out / "eval-sft", sft_model, args.eval_attempts)
         report["after_sft"] = eval_figures(before)
         if args.rl_steps:

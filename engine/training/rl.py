@@ -158,6 +158,12 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                       max_model_len=min(rl.max_context_tokens, model.config.max_position_embeddings))
     rollout_mode = RolloutMode(root, model, sampler)
     backend = rl.backend if rl.backend != "auto" else ("sandbox" if shutil.which("bwrap") else "docker")
+    if backend == "docker" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        # Every image on this node's Docker host before the first trajectory, or a refusal naming the missing
+        # ones (one rank per node prepares: the node's ranks share the host).
+        from protege.rollout.envs.images import prepare_hosts
+        prepare_hosts(tasks, [None], rl.base_image, rl.pull_images, log=lambda m: print(m, flush=True))
+    barrier(runtime)
     expert = _expert(rl)
     agent = AgentConfig(max_steps=rl.max_steps, max_context_tokens=rl.max_context_tokens,
                         command_timeout_s=rl.command_timeout_s, expert_quota=rl.expert_quota,

@@ -15,8 +15,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
+import time
 from typing import TYPE_CHECKING
 
 from protege.rollout.envs import pyenv
@@ -188,3 +190,116 @@ def build_images(tasks: list[Task], base: str = "debootstrap", client: docker.Do
     client = client or _docker().from_env()
     base_image = ensure_base_image(client, base, log)
     return [ensure_task_image(client, task, base_image, log) for task in tasks]
+
+
+class ImagesMissing(ValueError):
+    """Task images a run needs that are on none of its Docker hosts' disks (and were not pulled)."""
+
+    def __init__(self, missing: dict[str, list[str]]):
+        self.missing = missing   # host -> ["instance_id (image)", ...]
+        lines = [f"{host}: {len(names)} missing: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+                 for host, names in missing.items()]
+        super().__init__("task images missing (python -m protege.rollout.envs.images prepare --tasks FILE "
+                         "--pull makes them available):\n" + "\n".join(lines))
+
+
+def pull(client: docker.DockerClient, image: str, retries: int = 3, log=print) -> None:
+    """docker pull with a progress line per layer completed and retries with backoff (registries time out)."""
+    repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    for attempt in range(1, retries + 1):
+        try:
+            done = set()
+            for event in client.api.pull(repository, tag=tag, stream=True, decode=True):
+                if event.get("error"):
+                    raise RuntimeError(event["error"])
+                if event.get("status") in ("Pull complete", "Already exists") and event.get("id") not in done:
+                    done.add(event.get("id"))
+                    log(f"pull {image}: {len(done)} layer(s) ready")
+            return
+        except Exception as e:  # noqa: BLE001 -- the SDK and the registry fail in many ways; retried, then reported
+            if attempt == retries:
+                raise RuntimeError(f"pulling {image} failed after {retries} attempts: {e}") from None
+            log(f"pull {image}: attempt {attempt} failed ({e}); retrying")
+            time.sleep(2 ** attempt)
+
+
+def prepare_images(client: docker.DockerClient, tasks: list[Task], base: str = "debootstrap", pull_missing=False,
+                   log=print) -> dict[str, list[str]]:
+    """Every task's image on this Docker host: built (tasks with a source), pulled (others, with pull_missing)
+    or already present. Returns {"present": [...], "built": [...], "pulled": [...], "missing": [...]} of
+    "instance_id (image)" names; nothing is done twice (present images are kept), so a rerun resumes."""
+    out = {"present": [], "built": [], "pulled": [], "missing": []}
+    base_image = None
+    for task in tasks:
+        name = f"{task.instance_id} ({task.image})"
+        present = _exists(client, task.image)
+        if task.source is not None:
+            base_image = base_image or ensure_base_image(client, base, log)
+            ensure_task_image(client, task, base_image, log)
+            out["present" if present else "built"].append(name)
+        elif present:
+            out["present"].append(name)
+        elif pull_missing:
+            try:
+                pull(client, task.image, log=log)
+                out["pulled"].append(name)
+            except RuntimeError as e:
+                log(str(e))
+                out["missing"].append(name)
+        else:
+            out["missing"].append(name)
+    return out
+
+
+def prepare_hosts(tasks: list[Task], hosts: list[str | None], base: str = "debootstrap", pull_missing=False,
+                  log=print) -> dict[str, dict[str, list[str]]]:
+    """prepare_images on each Docker host (None: the environment's, DOCKER_HOST or the local socket), the
+    hosts in parallel. Raises ImagesMissing naming every image still missing on any host."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(host):
+        client = _docker().DockerClient(base_url=host) if host else _docker().from_env()
+        try:
+            return prepare_images(client, tasks, base, pull_missing, lambda m: log(f"[{host or 'local'}] {m}"))
+        finally:
+            client.close()
+    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        results = dict(zip([h or "local" for h in hosts], pool.map(one, hosts)))
+    missing = {host: r["missing"] for host, r in results.items() if r["missing"]}
+    if missing:
+        raise ImagesMissing(missing)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
+    p = argparse.ArgumentParser(prog="python -m protege.rollout.envs.images",
+                                description="Make every task's image available on every Docker host a run uses.")
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="build (bundled tasks) or pull (others) each task's image on each host")
+    prep.add_argument("--tasks", default=str(BUNDLED_JSONL), help="task file (.json, .jsonl, .parquet)")
+    prep.add_argument("--hosts", nargs="+", default=[None], metavar="URL",
+                      help="Docker hosts (unix:///run/docker.sock, tcp://node2:2375, ...); default: DOCKER_HOST")
+    prep.add_argument("--pull", action="store_true", help="pull images that are missing from their registry")
+    prep.add_argument("--base", default="debootstrap",
+                      help="'debootstrap' (needs root; Debian mirrors only) or a registry image to build on")
+    args = p.parse_args(argv)
+    try:
+        tasks = load_tasks(args.tasks)
+    except TaskFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        results = prepare_hosts(tasks, args.hosts, args.base, args.pull, log=lambda m: print(m, file=sys.stderr))
+    except (ImagesMissing, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"seconds": round(time.monotonic() - started, 1),
+                      "hosts": {h: {k: len(v) for k, v in r.items()} for h, r in results.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
