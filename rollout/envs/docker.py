@@ -56,8 +56,10 @@ class DockerEnvironment:
                 container.start()
                 # Images built at the base commit pass the check; others (SWE-smith branches) are checked out.
                 base = shlex.quote(task.base_commit)
-                checkout = self._exec(f"test \"$(git rev-parse HEAD)\" = \"$(git rev-parse {base}^{{commit}})\" "
-                                      f"|| git -c advice.detachedHead=false checkout -q -f {base}", 120, None)
+                # (Both rev-parses must succeed: in an image without the repository both print nothing.)
+                checkout = self._exec(f"head=$(git rev-parse HEAD) && want=$(git rev-parse {base}^{{commit}}) && "
+                                      f"{{ test \"$head\" = \"$want\" || "
+                                      f"git -c advice.detachedHead=false checkout -q -f {base}; }}", 120, None)
                 if checkout.exit_code != 0:
                     raise RuntimeError(f"{task.instance_id}: cannot put {self.repo_dir} at {task.base_commit} "
                                        f"in {task.image}: {checkout.output.strip()}")
