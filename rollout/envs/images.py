@@ -205,7 +205,10 @@ class ImagesMissing(ValueError):
 
 def pull(client: docker.DockerClient, image: str, retries: int = 3, log=print) -> None:
     """docker pull with a progress line per layer completed and retries with backoff (registries time out)."""
-    repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    if "@" in image:   # pinned by digest: the reference is the whole name
+        repository, tag = image, None
+    else:
+        repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
     for attempt in range(1, retries + 1):
         try:
             done = set()
