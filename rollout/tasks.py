@@ -71,6 +71,14 @@ class EnvSpec:
         return hashlib.sha256(json.dumps([self.python, sorted(self.packages)]).encode()).hexdigest()[:16]
 
     @property
+    def image_key(self) -> str:
+        """Everything of the declaration that goes into a task image or decides its grade (interpreter,
+        packages, pre-install and install commands, test command): a changed environment gets a new image
+        tag, never an image built for the old one."""
+        return hashlib.sha256(json.dumps(["image", self.python, sorted(self.packages), list(self.pre_install),
+                                          self.install, self.test_cmd]).encode()).hexdigest()[:16]
+
+    @property
     def setup_commands(self) -> tuple[str, ...]:
         return self.pre_install + ((self.install,) if self.install else ())
 
@@ -416,12 +424,18 @@ def bundled_instance(task_dir: Path) -> dict:
         "patch": patch, "test_patch": test_patch,
         "FAIL_TO_PASS": meta["FAIL_TO_PASS"], "PASS_TO_PASS": meta["PASS_TO_PASS"],
         "version": "1.0", "environment_setup_commit": base,
-        "image": f"protege/task.{task_dir.name}:{base[:12]}-{spec.key[:8]}",  # a new environment, a new tag
+        "image": bundled_image_tag(task_dir.name, base, spec),
         "eval_script": default_eval_script(base, test_patch, patch_files(test_patch), spec.test_command),
         "environment": spec.to_dict(),
         "log_parser": "parse_log_pytest", "eval_type": _harness("constants").EvalType.PASS_AND_FAIL.value,
         "source": f"{task_dir.name}/repo", "wrong_patch": wrong_patch,
     }
+
+
+def bundled_image_tag(name: str, base_commit: str, spec: EnvSpec) -> str:
+    """A bundled task's image tag: its repository's commit and its whole environment (EnvSpec.image_key), so
+    that editing any part of the environment names a new image."""
+    return f"protege/task.{name}:{base_commit[:12]}-{spec.image_key[:12]}"
 
 
 def bundled_rows(directory: Path = BUNDLED_DIR) -> list[dict]:

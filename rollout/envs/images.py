@@ -40,6 +40,7 @@ REGISTRY_SETUP = ("RUN apt-get update -qq && apt-get install -y -qq --no-install
 DEBOOTSTRAP_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
                      "usr/share/locale", "usr/share/info")
 BASE_LABEL = "protege.base"
+RECIPE_LABEL = "protege.recipe"   # a task image's recipe (task_recipe): a different one is rebuilt
 ENV_DIR, ENV_WHEELS = "/opt/protege-env", "/opt/protege-wheels"   # the task's environment in its image
 
 
@@ -166,8 +167,11 @@ def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, 
     spec = task.env_spec
     env_image = ensure_env_image(client, spec, base_image, log)
     env_id = client.images.get(env_image).id
+    recipe = task_recipe(task, env_id)
     try:
-        if client.images.get(task.image).labels.get(BASE_LABEL) == env_id:
+        # The whole recipe, not only the environment image: an image whose install step differs from the
+        # task's would grade with the old install (and disagree with the sandbox, which installs every time).
+        if client.images.get(task.image).labels.get(RECIPE_LABEL) == recipe:
             return task.image
     except _docker().errors.ImageNotFound:
         pass
@@ -178,8 +182,14 @@ def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, 
     with tempfile.TemporaryDirectory(prefix="protege-ctx-") as tmp:
         materialize_repo(task, os.path.join(tmp, "testbed"))
         _build(client, task.image, "\n".join(lines) + "\n", {"testbed": os.path.join(tmp, "testbed")},
-               {BASE_LABEL: env_id})
+               {BASE_LABEL: env_id, RECIPE_LABEL: recipe})
     return task.image
+
+
+def task_recipe(task: Task, env_id: str) -> str:
+    """What a bundled task's image is made of: the environment image, the repository's commit and the whole
+    environment declaration (EnvSpec.image_key covers pre-install, install and the test command)."""
+    return _short_hash(env_id, task.base_commit, task.env_spec.image_key)
 
 
 def build_images(tasks: list[Task], base: str = "debootstrap", client: docker.DockerClient | None = None,
