@@ -195,6 +195,7 @@ def record(traj: Trajectory, seconds: float, policy_cost: float) -> dict:
             "longest_streak": max(streaks, default=0), "patch": traj.final_patch,
             "patch_applied": (traj.evaluation or {}).get("patch_applied"), "error": traj.error,
             "infrastructure_error": traj.infrastructure_error,
+            "infrastructure_restarts": len(traj.infrastructure_restarts),   # runs lost with their host, rerun
             "eval_error": (traj.evaluation or {}).get("error"), "seconds": round(seconds, 2)}
 
 

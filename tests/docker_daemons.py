@@ -30,6 +30,16 @@ def _wait(ready, seconds: float, what: str, log_path: str, process: subprocess.P
     pytest.skip(f"{what} did not come up: {tail}")
 
 
+def stop_process(process: subprocess.Popen, seconds: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `seconds`."""
+    process.terminate()
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Daemon:
     """One dockerd on its own socket and directories; kill() is the -9 of a host failure, start() again
     brings the same host back (its data root, its stopped containers)."""
@@ -61,18 +71,14 @@ class Daemon:
         return docker.DockerClient(base_url=self.url, timeout=timeout)
 
     def kill(self) -> None:
-        """SIGKILL: the daemon is gone at once (its containers' shims may live on, as after a real crash)."""
-        os.killpg(self.process.pid, signal.SIGKILL)
+        """SIGKILL of the daemon alone: it is gone at once (its containerd and shims live on, as after a real
+        crash)."""
+        self.process.kill()
         self.process.wait()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            stop_process(self.process, 30)
         # The managed containerd and shims of this daemon only (they run under its exec root).
         for pid in _pids_mentioning(f"{self.folder}/exec"):
             try:
@@ -154,9 +160,5 @@ def local_registry():
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, 10)
         shutil.rmtree(folder, ignore_errors=True)

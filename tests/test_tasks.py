@@ -50,7 +50,7 @@ def test_bundled_set_shape():
         assert {t.split("::")[0] for t in task.fail_to_pass + task.pass_to_pass} <= set(test_files)
         assert all(f.startswith("tests/") for f in test_files)
         assert not any(f.startswith("tests/") for f in patch_files(task.patch + row["wrong_patch"]))
-        assert task.image.endswith(f":{task.base_commit[:12]}-{task.env_spec.key[:8]}") and os.path.isdir(task.source)
+        assert task.image.endswith(f":{task.base_commit[:12]}-{task.env_spec.image_key[:12]}") and os.path.isdir(task.source)
     assert any(len(patch_files(t.patch)) > 1 for t in tasks)           # multi-file fixes
     assert any("new file mode" in t.patch for t in tasks)              # a fix that adds a module
     assert any("new file mode" in t.test_patch for t in tasks)         # a new test file

@@ -45,7 +45,7 @@ class DockerEnvironment:
 
     def __init__(self, task: Task, client: docker.DockerClient | None = None, timeout: float = DEFAULT_TIMEOUT,
                  output_cap: int = DEFAULT_OUTPUT_CAP, mem_limit: str = "4g", pids_limit: int = 1024,
-                 probe=None):
+                 probe=None, on_close=None, on_lost=None):
         self.task = task
         # probe() -> bool: does the daemon still answer? Asked after an unexpected error, to tell a lost host
         # (EnvironmentLost) from a failure of the command itself.
@@ -56,8 +56,8 @@ class DockerEnvironment:
         self._docker = require("docker", "the Docker environment backend")
         self.client = client or self._docker.from_env()
         self.container = None
-        self.on_close = None   # on_close(container_id, removed): the host pool's bookkeeping
-        self.on_lost = None    # on_lost(EnvironmentLost): the host pool takes the host out of the rotation
+        self.on_close = on_close   # on_close(container_id, removed): the host pool's bookkeeping
+        self.on_lost = on_lost     # on_lost(EnvironmentLost): the host pool takes the host out of the rotation
         with self._host_guard(), _start_slots_of(self.client):  # container starts are the expensive, daemon-serialised part
             container = self.client.containers.create(
                 task.image, INIT, labels=owner_labels(), network_mode="none",

@@ -40,6 +40,19 @@ def docker_client(url: str, timeout: float):
     return docker.DockerClient(base_url=url, timeout=timeout, use_ssh_client=url.startswith("ssh://"))
 
 
+def _once(action):
+    """`action`, run on the first call only (a slot is released once, whichever path gets there first)."""
+    lock, done = threading.Lock(), []
+
+    def call() -> None:
+        with lock:
+            if done:
+                return
+            done.append(True)
+        action()
+    return call
+
+
 class Host:
     def __init__(self, url: str, config: HostPoolConfig):
         self.url = url
@@ -104,32 +117,30 @@ class HostPool:
 
     def open(self, task, **options):
         """A started DockerEnvironment for `task` on a healthy host; a host that fails while starting it
-        leaves the rotation and the next one is tried."""
+        leaves the rotation and the next one is tried. The host's slot is released when the environment
+        closes (or fails to start)."""
         from protege.rollout.envs.docker import DockerEnvironment
         while True:
             host = self.acquire()
+            release = _once(lambda host=host: self.release(host))
+
+            def closed(container_id: str, removed: bool, host=host, release=release) -> None:
+                if not removed:   # the host went away with it: removed when the host answers again
+                    with self._cond:
+                        host.orphans.add(container_id)
+                    self.mark_down(host, "a container could not be removed")
+                release()
             try:
-                env = DockerEnvironment(task, client=host.client, probe=host.answers, **options)
-            except EnvironmentLost as e:
-                self.release(host)
-                self.mark_down(host, str(e))
-                continue
+                env = DockerEnvironment(task, client=host.client, probe=host.answers, on_close=closed,
+                                        on_lost=lambda error, host=host: self.mark_down(host, str(error)), **options)
+            except EnvironmentLost:
+                release()
+                continue   # on_lost took the host out of the rotation
             except BaseException:
-                self.release(host)
+                release()
                 raise
-            env.on_close = self._on_close(host)
-            env.on_lost = lambda error: self.mark_down(host, str(error))
             env.host = host
             return env
-
-    def _on_close(self, host: Host):
-        def closed(container_id: str, removed: bool) -> None:
-            if not removed:
-                with self._cond:
-                    host.orphans.add(container_id)
-                self.mark_down(host, "a container could not be removed")
-            self.release(host)
-        return closed
 
     # ---------------------------------------------------------------------------------------- health
 

@@ -6,7 +6,10 @@ built here (a swebench/sweb.eval.* image) is used as it is.
 
 The base comes either from a registry image where pulls work (e.g. python:3.11-slim) or, on machines that
 reach only the Debian mirrors, from debootstrap (`tar | docker import`). Images are built with the plain
-builder (`client.images.build`; buildx is not needed) and are skipped when they already exist."""
+builder (`client.images.build`; buildx is not needed) and are skipped when they already exist -- a task image
+only when its recipe label (task_recipe: environment image, commit, the whole environment declaration) is
+the task's, so that an edited environment is never graded with a stale image. Getting images onto several
+hosts, pulled or copied, is prepare.py's."""
 from __future__ import annotations
 
 import hashlib
