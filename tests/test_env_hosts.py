@@ -4,6 +4,7 @@ killed in the middle of a rollout loses no trajectory (each is run again on the 
 infrastructure's, never trained on as a failure) and leaves no container; a run killed with -9 leaves
 nothing the next start's sweep does not remove."""
 import copy
+import json
 import os
 import pickle
 import signal
@@ -40,6 +41,13 @@ def registry_task(bundled_images, docker_client, local_registry):
     return replace(task, image=f"{repository}:{tag}", source=None)
 
 
+def task_row(task) -> dict:
+    """A task file row for a task used as it is (its image, no bundled source)."""
+    return {"instance_id": task.instance_id, "repo": task.repo, "base_commit": task.base_commit,
+            "problem_statement": task.problem_statement, "patch": task.patch, "test_patch": task.test_patch,
+            "FAIL_TO_PASS": list(task.fail_to_pass), "PASS_TO_PASS": list(task.pass_to_pass), "image": task.image}
+
+
 def _has(client, image: str) -> bool:
     try:
         client.images.get(image)
@@ -59,16 +67,18 @@ def hosts(docker_pair, registry_task):
     return docker_pair, clients, reports, messages
 
 
-def test_prepare_pulls_a_registry_image_onto_every_host(hosts, registry_task, local_registry, capsys):
+def test_prepare_pulls_a_registry_image_onto_every_host(hosts, registry_task, local_registry, tmp_path, capsys):
     daemons, clients, reports, messages = hosts
     assert [r.pulled for r in reports] == [[registry_task.image]] * 2
     assert all(not r.missing and not r.present for r in reports)
     assert all(_has(c, registry_task.image) for c in clients)
     assert any(m.endswith(f"pulled {registry_task.image}") for m in messages)
-    # Resumable: a second run finds both present and pulls nothing; --check reports the same and exits 0.
+    # Resumable: a second run (the command, as a user runs it) finds both present and pulls nothing.
     from protege.rollout.envs.prepare import PrepareConfig, main, prepare_images
-    again = prepare_images([registry_task], PrepareConfig(hosts=[d.url for d in daemons]), log=lambda m: None)
-    assert [r.present for r in again] == [[registry_task.image]] * 2 and not any(r.pulled for r in again)
+    (tmp_path / "tasks.jsonl").write_text(json.dumps(task_row(registry_task)) + "\n")
+    assert main(["--tasks", str(tmp_path / "tasks.jsonl"), "--hosts", *[d.url for d in daemons]]) == 0
+    summary = capsys.readouterr().out
+    assert summary.count(": 1 present, 0 pulled, 0 built, 0 copied, 0 missing") == 2, summary
     # A disk budget too small for one more image: nothing is pulled, and the summary says why.
     second = replace(registry_task, instance_id="second", image=f"{local_registry}/protege/leap-year:second")
     tight = prepare_images([second], PrepareConfig(hosts=[daemons[0].url], disk_budget=1), log=lambda m: None)
@@ -78,8 +88,6 @@ def test_prepare_pulls_a_registry_image_onto_every_host(hosts, registry_task, lo
 def test_a_missing_image_is_refused_before_any_trajectory(hosts, registry_task, local_registry, tmp_path, capsys):
     """require_images (what GRPO and evaluation call at start) names each missing image, its task and host;
     the evaluation command refuses the run before writing anything (the GRPO side: tests/test_rl.py)."""
-    import json
-
     from protege.rollout.envs.prepare import MissingImages, require_images
     daemons = hosts[0]
     absent = replace(registry_task, instance_id="absent-task", image=f"{local_registry}/protege/absent:0")
@@ -87,11 +95,7 @@ def test_a_missing_image_is_refused_before_any_trajectory(hosts, registry_task, 
         require_images([registry_task, absent], [d.url for d in daemons], pull=False, log=lambda m: None)
     message = str(refused.value)
     assert message.count(f"{absent.image} (task absent-task)") == 2 and registry_task.image not in message
-    row = {"instance_id": "absent-task", "repo": "protege/leap", "base_commit": absent.base_commit,
-           "problem_statement": "x", "patch": absent.patch, "test_patch": absent.test_patch,
-           "FAIL_TO_PASS": list(absent.fail_to_pass), "PASS_TO_PASS": list(absent.pass_to_pass),
-           "image": absent.image}
-    (tmp_path / "tasks.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "tasks.jsonl").write_text(json.dumps(task_row(absent)) + "\n")
     from protege.rollout.evaluate_agent import main
     code = main(["--tasks", str(tmp_path / "tasks.jsonl"), "--policy", "empty", "--backend", "docker",
                  "--docker-hosts", *[d.url for d in daemons], "--out", str(tmp_path / "out")])
