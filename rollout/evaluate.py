@@ -9,8 +9,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 from protege.engine.optional import require
-from protege.rollout.envs.base import Environment, open_environment
+from protege.rollout.envs.base import Environment, EnvironmentLost, open_environment
 from protege.rollout.tasks import Task
+
+MAX_RESTARTS = 3   # fresh environments for one grading whose host went away
 
 # Inside .git: never part of the repository's diff, writable in both backends.
 PATCH_FILE = ".git/protege_model.patch"
@@ -38,13 +40,16 @@ def evaluate_patch(task: Task, patch: str, backend: str = "docker", env: Environ
                    timeout: float = 1800.0, **env_options) -> EvalResult:
     """Grade `patch` on `task` in a fresh environment of `backend` ("docker" or "sandbox"), or in `env`
     (which must be fresh: at the base commit, unchanged); an environment opened here is closed here."""
-    own = env is None
-    if own:
-        env = open_environment(task, backend, **env_options)
-    try:
+    if env is not None:
         return _evaluate(env, task, patch, timeout)
-    finally:
-        if own:
+    for restart in range(MAX_RESTARTS + 1):
+        env = open_environment(task, backend, **env_options)
+        try:
+            return _evaluate(env, task, patch, timeout)
+        except EnvironmentLost:   # its host went away (a host pool places the next try elsewhere)
+            if restart == MAX_RESTARTS:
+                raise
+        finally:
             env.close()
 
 

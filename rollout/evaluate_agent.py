@@ -29,7 +29,8 @@ from protege.engine.optional import require
 from protege.rewards.shaping import action_streaks
 from protege.rollout.agent.loop import AgentConfig, Job, run_batch
 from protege.rollout.agent.trajectory import Trajectory
-from protege.rollout.envs.base import open_environment
+from protege.rollout.envs.fleet import Fleet, FleetConfig
+from protege.rollout.envs.prepare import MissingImages
 from protege.rollout.report import _atomic_write, write_report
 from protege.rollout.tasks import Task, TaskFormatError, load_tasks
 
@@ -63,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-concurrency", type=int, default=4, help="test runs (evaluations) at once")
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
     p.add_argument("--base-image", default="debootstrap", help="Docker: base for images built here")
+    p.add_argument("--docker-hosts", nargs="*", default=[],
+                   help="Docker: the hosts to spread containers over (URLs; default: DOCKER_HOST / the local engine)")
+    p.add_argument("--max-envs-per-host", type=int, default=16, help="Docker: containers at once on one host")
+    p.add_argument("--warm-envs", type=int, default=4, help="Docker: containers started ahead of need (0: none)")
+    p.add_argument("--pull-images", action="store_true",
+                   help="Docker: pull missing task images first (default: refuse the run, naming them)")
     d = AgentConfig()
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--expert-budget", type=float, default=d.expert_budget_usd, help="US dollars per task")
@@ -112,9 +119,10 @@ def model_name(args) -> str:
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def check_backend(args, tasks: list[Task]) -> None:
-    """The backend works and every task has its environment: a Docker image present locally (a swebench
-    image is used as is) or buildable here (bundled tasks)."""
+def check_backend(args, tasks: list[Task]) -> Fleet:
+    """The backend works and every task has its environment (before any attempt runs): with Docker, an image
+    on every host (a swebench image is used as is; pulled first with --pull-images) or buildable here
+    (bundled tasks); returns the run's environments."""
     if args.backend == "sandbox":
         from protege.rollout.envs.sandbox import SandboxUnavailable, _check_bwrap
         try:
@@ -127,24 +135,16 @@ def check_backend(args, tasks: list[Task]) -> None:
                 prepare_environment(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
             except RuntimeError as e:
                 raise InputError(f"task environment: {e}") from None
-        return
-    docker = require("docker", "--backend docker")
+        return Fleet(FleetConfig(backend="sandbox"), tasks)
+    config = FleetConfig(backend="docker", docker_hosts=list(args.docker_hosts),
+                         max_envs_per_host=args.max_envs_per_host, warm_envs=args.warm_envs,
+                         pull_images=args.pull_images, base_image=args.base_image)
     try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as e:  # noqa: BLE001 -- the SDK raises several kinds for "no daemon"
-        raise InputError(f"--backend docker: cannot reach a Docker engine ({type(e).__name__}: {e}); start dockerd "
-                         "or use --backend sandbox") from None
-    from protege.rollout.envs.images import prepare_images
-    try:
-        missing = prepare_images(client, tasks, base=args.base_image,
-                                 log=lambda m: print(m, file=sys.stderr, flush=True))["missing"]
-    except RuntimeError as e:
-        raise InputError(f"building task images: {e}") from None
-    if missing:
-        raise InputError(f"{len(missing)} task image(s) are neither present locally nor buildable here "
-                         "(python -m protege.rollout.envs.images prepare --tasks FILE --pull): "
-                         + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        return Fleet(config, tasks, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except MissingImages as e:
+        raise InputError(f"--backend docker: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"--backend docker: {e}") from None
 
 
 def load_policy(args, tokenizer):
@@ -195,6 +195,7 @@ def record(traj: Trajectory, seconds: float, policy_cost: float) -> dict:
             "longest_streak": max(streaks, default=0), "patch": traj.final_patch,
             "patch_applied": (traj.evaluation or {}).get("patch_applied"), "error": traj.error,
             "infrastructure_error": traj.infrastructure_error,
+            "infrastructure_restarts": len(traj.infrastructure_restarts),   # runs lost with their host, rerun
             "eval_error": (traj.evaluation or {}).get("error"), "seconds": round(seconds, 2)}
 
 
@@ -281,7 +282,7 @@ def _main(args) -> int:
             raise InputError(f"{out} holds a run with other settings ({diffs}); use another --out")
     tokenizer = load_tokenizer(args)
     shared = load_policy(args, tokenizer)
-    check_backend(args, tasks)
+    fleet = check_backend(args, tasks)
 
     from protege.rollout.agent.client import AnthropicClient
     from protege.rollout.agent.expert import AnthropicExpert
@@ -330,7 +331,7 @@ def _main(args) -> int:
 
     def evaluate(task: Task, patch: str) -> dict:
         with eval_slots:   # test runs are the CPU-heavy part: bounded apart from the trajectories in flight
-            return evaluate_patch(task, patch, backend=args.backend).to_dict()
+            return fleet.evaluate(task, patch).to_dict()
 
     progress = Progress(len(wanted), list(done.values()))
     started = threading.local()   # run_batch opens a job's environment and reports it on the same thread
@@ -338,7 +339,7 @@ def _main(args) -> int:
 
     def make_env(task: Task):
         started.at = time.monotonic()
-        return open_environment(task, args.backend)
+        return fleet.open(task)
 
     def on_done(job: Job, traj: Trajectory) -> None:
         policy = job.policy
@@ -353,10 +354,12 @@ def _main(args) -> int:
         done[(r["instance_id"], r["attempt"])] = r
         print(progress.update(r), file=sys.stderr, flush=True)
 
+    fleet.schedule([job.task for job in jobs])
     try:
         run_batch(jobs, make_env, expert, tokenizer, config, concurrency=args.concurrency,
                   evaluate=evaluate, on_done=on_done)
     finally:
+        fleet.close()
         results_file.close()
         if shared is not None:
             shared.close()

@@ -71,10 +71,12 @@ class EnvSpec:
         return hashlib.sha256(json.dumps([self.python, sorted(self.packages)]).encode()).hexdigest()[:16]
 
     @property
-    def recipe_key(self) -> str:
-        """Every field of the declaration: a task image built from it is tagged by this, so a changed install,
-        pre-install, test command, package or Python gives a new image, never a stale one."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def image_key(self) -> str:
+        """Everything of the declaration that goes into a task image or decides its grade (interpreter,
+        packages, pre-install and install commands, test command): a changed environment gets a new image
+        tag, never an image built for the old one."""
+        return hashlib.sha256(json.dumps(["image", self.python, sorted(self.packages), list(self.pre_install),
+                                          self.install, self.test_cmd]).encode()).hexdigest()[:16]
 
     @property
     def setup_commands(self) -> tuple[str, ...]:
@@ -312,7 +314,6 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
         source = str((base_dir / source).resolve())
         if not os.path.isdir(source):
             raise r.error("source", f"{source} is not a directory")
-        image = built_image_name(r.text("repo"), base_commit, environment or EnvSpec())   # built here: by recipe
     return Task(instance_id=instance_id, repo=r.text("repo"), base_commit=base_commit,
                 problem_statement=r.text("problem_statement"), patch=patch, test_patch=test_patch,
                 fail_to_pass=fail_to_pass, pass_to_pass=pass_to_pass, image=image, eval_script=eval_script,
@@ -323,13 +324,6 @@ def _task_from_row(row: dict, row_format: str, where: str, base_dir: Path, image
 def _harness(module: str):
     """A module of swebench's harness (its markers, log parsers, eval types), imported on use."""
     return require(f"swebench.harness.{module}", "SWE-bench task files (markers, log parsers)")
-
-
-def built_image_name(repo: str, base_commit: str, spec: EnvSpec) -> str:
-    """The tag of a task image built here (a task with a `source`): its repository at base_commit with
-    spec's environment; the tag changes with any part of either."""
-    name = re.sub(r"[^a-z0-9._-]+", "-", repo.rsplit("/", 1)[-1].lower()).strip("._-") or "repo"
-    return f"protege/task.{name}:{base_commit[:12]}-{spec.recipe_key[:8]}"
 
 
 def swebench_image_name(instance_id: str, namespace: str = "swebench") -> str:
@@ -430,12 +424,18 @@ def bundled_instance(task_dir: Path) -> dict:
         "patch": patch, "test_patch": test_patch,
         "FAIL_TO_PASS": meta["FAIL_TO_PASS"], "PASS_TO_PASS": meta["PASS_TO_PASS"],
         "version": "1.0", "environment_setup_commit": base,
-        "image": built_image_name(f"protege/{task_dir.name}", base, spec),  # a new environment, a new tag
+        "image": bundled_image_tag(task_dir.name, base, spec),
         "eval_script": default_eval_script(base, test_patch, patch_files(test_patch), spec.test_command),
         "environment": spec.to_dict(),
         "log_parser": "parse_log_pytest", "eval_type": _harness("constants").EvalType.PASS_AND_FAIL.value,
         "source": f"{task_dir.name}/repo", "wrong_patch": wrong_patch,
     }
+
+
+def bundled_image_tag(name: str, base_commit: str, spec: EnvSpec) -> str:
+    """A bundled task's image tag: its repository's commit and its whole environment (EnvSpec.image_key), so
+    that editing any part of the environment names a new image."""
+    return f"protege/task.{name}:{base_commit[:12]}-{spec.image_key[:12]}"
 
 
 def bundled_rows(directory: Path = BUNDLED_DIR) -> list[dict]:

@@ -12,3 +12,4 @@ if os.environ["TRITON_INTERPRET"] == "1":
 
 # Session-wide Docker engine, task images and sandbox check, shared by every module that needs them.
 from docker_fixtures import bundled_images, docker_client, sandbox_ready  # noqa: E402,F401
+from docker_daemons import docker_pair, local_registry  # noqa: E402,F401

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from docker_daemons import stop_process
+
 PROTEGE_LABEL = "protege.env"
 
 
@@ -56,11 +58,7 @@ def docker_client():
     try:
         yield client
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        stop_process(daemon, 30)
 
 
 @pytest.fixture(scope="session")

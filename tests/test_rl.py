@@ -401,51 +401,28 @@ def test_the_update_takes_log_probs_at_the_sampling_temperature(monkeypatch):
     assert stats["sampler_trainer_logprob_max"] == 0.0 and stats["first_ratio_max_deviation"] == 0.0
 
 
-def two_task_file(tmp_path, image: str) -> Path:
-    """The first two bundled tasks; the second one not built here (no source) and given `image`."""
-    from protege.rollout.tasks import BUNDLED_JSONL
-    rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
-    rows[0]["source"] = str((BUNDLED_JSONL.parent / rows[0]["source"]).resolve())   # relative to its file
-    del rows[1]["source"]
-    rows[1]["image"] = image
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tasks
-
-
-def test_a_run_whose_image_is_missing_is_refused_before_any_trajectory(models, tmp_path, bundled_images,
-                                                                       docker_client):
-    tasks = two_task_file(tmp_path, "protege-test/absent:none")
-    out = tmp_path / "missing"
-    done = run(TRAIN + overrides(models, out, 'rl.backend="docker"', f"rl.tasks={json.dumps(str(tasks))}",
-                                 "train.steps=1", "rl.prompts_per_step=2", "rl.group_size=2"))
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "task images missing" in done.stderr and "protege-test/absent:none" in done.stderr, done.stderr[-3000:]
-    assert not (out / "rollouts" / "step_1.jsonl").exists()
-
-
 def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_path, bundled_images, docker_client):
-    """Docker backend: one task's image exists but its environment cannot start (no repository in it). Its
+    """Docker backend: one task's environment cannot start (its image lacks the task's base commit). Its
     trajectories end as errors recorded as the infrastructure's (never trained on: the group is dropped and
     counted), the other task's run normally, the step completes, and no container is left behind."""
     from protege.rollout.envs.docker import LABEL
-    from protege.rollout.envs.images import base_image_name
-    broken_image = "protege-test/no-testbed:latest"
-    docker_client.images.get(base_image_name(os.environ.get("PROTEGE_BASE_IMAGE", "debootstrap"))).tag(broken_image)
-    tasks = two_task_file(tmp_path, broken_image)
-    rows = [json.loads(line) for line in tasks.read_text().splitlines()]
+    from protege.rollout.tasks import BUNDLED_JSONL
+    rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
+    for row in rows:   # a task's source directory is relative to its task file
+        row["source"] = str((BUNDLED_JSONL.parent / row["source"]).resolve())
+    del rows[1]["source"]   # an image used as it is (not built here), whose repository lacks the commit
+    rows[1]["base_commit"] = "0" * 40
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "crash"
-    try:
-        done = run(TRAIN + overrides(models, out, 'rl.backend="docker"', f"rl.tasks={json.dumps(str(tasks))}",
-                                     "train.steps=1", "rl.prompts_per_step=2", "rl.group_size=2"))
-    finally:
-        docker_client.images.remove(broken_image)
+    done = run(TRAIN + overrides(models, out, 'rl.backend="docker"', f"rl.tasks={json.dumps(str(tasks))}",
+                                 "train.steps=1", "rl.prompts_per_step=2", "rl.group_size=2"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stored = list(rollouts(out, 1).values())
     broken = [r for r in stored if r["trajectory"]["task_id"] == rows[1]["instance_id"]]
     fine = [r for r in stored if r["trajectory"]["task_id"] == rows[0]["instance_id"]]
     assert len(broken) == len(fine) == 2
-    assert all(r["trajectory"]["termination"] == "error" and "no-testbed" in r["trajectory"]["error"]
+    assert all(r["trajectory"]["termination"] == "error" and "cannot put /testbed at" in r["trajectory"]["error"]
                and r["trajectory"]["infrastructure_error"].startswith("environment start:") for r in broken)
     assert all(r["trajectory"]["termination"] != "error" and r["trajectory"]["infrastructure_error"] is None
                for r in fine)
@@ -455,3 +432,22 @@ def test_a_crashing_environment_ends_its_trajectory_never_the_run(models, tmp_pa
     left = [c for c in docker_client.containers.list(all=True, filters={"label": LABEL})
             if c.labels[LABEL] != str(os.getpid())]   # the training run's containers (not this test process's)
     assert left == []
+
+
+def test_a_missing_task_image_refuses_the_run_before_any_trajectory(models, tmp_path, bundled_images, docker_client):
+    """Docker backend: a task whose image is on no host (and not buildable here) stops the run at its start,
+    naming the image and the task; no model is built and no trajectory runs."""
+    from protege.rollout.tasks import BUNDLED_JSONL
+    rows = [json.loads(line) for line in BUNDLED_JSONL.read_text().splitlines()][:2]
+    rows[0]["source"] = str((BUNDLED_JSONL.parent / rows[0]["source"]).resolve())
+    del rows[1]["source"]
+    rows[1]["image"] = "protege/no-such-image:latest"
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "refused"
+    done = run(TRAIN + overrides(models, out, 'rl.backend="docker"', f"rl.tasks={json.dumps(str(tasks))}",
+                                 "train.steps=1", "rl.prompts_per_step=2", "rl.group_size=2"))
+    assert done.returncode != 0
+    assert "protege/no-such-image:latest" in done.stderr and rows[1]["instance_id"] in done.stderr, done.stderr[-3000:]
+    assert "1 task image(s) missing" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not (out / "rollouts").exists() or not list((out / "rollouts").glob("step_*.jsonl"))

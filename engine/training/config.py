@@ -80,9 +80,12 @@ class RLSection:
     group_size: int = 6             # G: trajectories per task (a group stays on one rank)
     stages: list[str] = field(default_factory=lambda: ["1-80", "81-160"])   # curriculum: Stage I, Stage II
     backend: str = "auto"           # auto (Docker when it answers, else sandbox) | docker | sandbox
-    pull_images: bool = False       # docker: pull task images missing on the host at start (else refuse the run)
-    base_image: str = "debootstrap"  # docker: what bundled task images build on (or a registry image)
     max_envs: int = 32              # environments (containers) at once per rank
+    docker_hosts: list[str] = field(default_factory=list)   # this rank's Docker hosts (URLs); empty: DOCKER_HOST
+    max_envs_per_host: int = 16     # environments at once on one Docker host (rollout/envs/hosts.py)
+    warm_envs: int = 4              # containers started ahead of the trajectories that need them (0: none)
+    pull_images: bool = False       # missing task images: pulled at start (else the run is refused, naming them)
+    base_image: str = "debootstrap"  # base of the bundled tasks' images (or a registry image: python:3.11-slim)
     expert: str = "oracle"          # oracle | anthropic | none
     expert_model: str = "claude-sonnet-4-5"
     max_steps: int = 60
@@ -145,10 +148,10 @@ _CHOICES = {
 _POSITIVE = ("data.max_seq_len", "train.steps", "train.global_batch_size", "train.micro_batch_tokens",
              "checkpoint.keep_last", "log.every", "rl.prompts_per_step", "rl.max_envs", "rl.max_steps",
              "rl.max_context_tokens", "rl.max_turn_tokens", "rl.max_seconds", "rl.command_timeout_s",
-             "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction")
+             "rl.expert_budget_usd", "rl.mini_batches", "rl.kv_cache_fraction", "rl.max_envs_per_host")
 _NON_NEGATIVE = ("process_group_timeout_s", "train.lr", "train.warmup_steps", "train.weight_decay",
                  "train.grad_clip", "checkpoint.every", "log.peak_tflops", "rl.expert_quota", "rl.eps_low",
-                 "rl.eps_high", "rl.kl_coef", "rl.tis_cap")
+                 "rl.eps_high", "rl.kl_coef", "rl.tis_cap", "rl.warm_envs")
 
 # Hugging Face TrainingArguments names, so that a key written for HF gets our name as its suggestion.
 _ALIASES = {"learning_rate": "lr", "max_steps": "steps", "max_grad_norm": "grad_clip"}

@@ -49,8 +49,8 @@ from protege.rollout.agent.judge import JudgeScores
 from protege.rollout.agent.loop import AgentConfig, Job, run_batch
 from protege.rollout.agent.policies import SamplerPolicy, derive_seed
 from protege.rollout.agent.trajectory import Trajectory
-from protege.rollout.envs.base import open_environment
-from protege.rollout.evaluate import evaluate_patch
+from protege.rollout.envs.fleet import Fleet, FleetConfig
+from protege.rollout.envs.prepare import MissingImages
 from protege.rollout.sampler import Sampler, SamplingParams
 from protege.rollout.sampler.server import SamplerServer
 from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
@@ -111,6 +111,26 @@ class NoExpert:
 
 
 def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
+    tasks = _load_tasks(cfg.rl.tasks)
+    fleet = _fleet(cfg.rl, tasks)   # first: a missing task image refuses the run here, before any work
+    try:
+        return _run_grpo(cfg, runtime, resume, tasks, fleet)
+    finally:
+        fleet.close()
+
+
+def _fleet(rl, tasks: list) -> Fleet:
+    backend = rl.backend if rl.backend != "auto" else ("sandbox" if shutil.which("bwrap") else "docker")
+    config = FleetConfig(backend=backend, docker_hosts=list(rl.docker_hosts), max_envs_per_host=rl.max_envs_per_host,
+                         warm_envs=rl.warm_envs, pull_images=rl.pull_images, base_image=rl.base_image)
+    try:
+        return Fleet(config, tasks, log=lambda message: print(message, flush=True))
+    except (MissingImages, ValueError) as e:
+        raise ConfigError(f"config: rl.tasks = {rl.tasks or str(BUNDLED_JSONL)!r}, rl.docker_hosts = "
+                          f"{rl.docker_hosts!r}: {e}") from None
+
+
+def _run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool, tasks: list, fleet: Fleet) -> dict:
     rl, t = cfg.rl, cfg.train
     run_dir = Path(cfg.output_dir)
     checkpoint = resume_point(run_dir, resume, runtime)
@@ -118,7 +138,6 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     stages = curriculum(rl)
-    tasks = _load_tasks(rl.tasks)
     base = cfg.model.path or str(_tiny_base(run_dir / "base-model", cfg.seed, runtime))
     tokenizer = Tokenizer.from_dir(cfg.data.tokenizer or base)
     identity = run_identity(cfg, base, stages)
@@ -157,19 +176,13 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
     sampler = Sampler(model, kv_cache_fraction=rl.kv_cache_fraction, eos_token_ids=tokenizer.eos_ids,
                       max_model_len=min(rl.max_context_tokens, model.config.max_position_embeddings))
     rollout_mode = RolloutMode(root, model, sampler)
-    backend = rl.backend if rl.backend != "auto" else ("sandbox" if shutil.which("bwrap") else "docker")
-    if backend == "docker" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        # Every image on this node's Docker host before the first trajectory, or a refusal naming the missing
-        # ones (one rank per node prepares: the node's ranks share the host).
-        from protege.rollout.envs.images import prepare_hosts
-        prepare_hosts(tasks, [None], rl.base_image, rl.pull_images, log=lambda m: print(m, flush=True))
-    barrier(runtime)
     expert = _expert(rl)
     agent = AgentConfig(max_steps=rl.max_steps, max_context_tokens=rl.max_context_tokens,
                         command_timeout_s=rl.command_timeout_s, expert_quota=rl.expert_quota,
                         expert_budget_usd=rl.expert_budget_usd, max_seconds=rl.max_seconds, judge=rl.expert != "none")
     params = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_tokens=rl.max_turn_tokens)
     summary = {}
+    scheduled_ahead = False
     plot = run_dir / "grpo.png" if (run_dir / "grpo.png").exists() else None   # a resumed run's, so far
     while step < t.steps:
         step_no = step + 1
@@ -196,6 +209,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                     seed = derive_seed(cfg.seed, step_no, slot, sample)
                     jobs.append(Job(tasks[task_of[slot]], SamplerPolicy(server, params, seed=seed), attempt=sample))
                     key_of[id(jobs[-1])] = (slot, sample, seed)
+        if not scheduled_ahead:
+            fleet.schedule([job.task for job in jobs])   # later steps' are scheduled a step ahead
         t_rollout = time.perf_counter()
         with rollout_mode, open(rollouts_path, "a", encoding="utf-8") as sink:
             version = model.weight_version
@@ -210,11 +225,15 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                 if os.environ.get("PROTEGE_FAULT") == f"die-in-rollout-{step_no}":   # fault injection for tests
                     os._exit(137)
 
-            run_batch(jobs, lambda task: open_environment(task, backend), expert, tokenizer, agent,
-                      concurrency=max(1, min(rl.max_envs, len(jobs))),
-                      evaluate=lambda task, patch: evaluate_patch(task, patch, backend=backend).to_dict(),
-                      on_done=finished)
+            run_batch(jobs, fleet.open, expert, tokenizer, agent, concurrency=max(1, min(rl.max_envs, len(jobs))),
+                      evaluate=lambda task, patch: fleet.evaluate(task, patch).to_dict(), on_done=finished)
             server.close()
+        scheduled_ahead = step + 1 < t.steps
+        if scheduled_ahead:   # the next step's containers start while this one trains
+            upcoming = list(range(position + rl.prompts_per_step, position + 2 * rl.prompts_per_step))
+            nxt = dict(zip(upcoming, order.indices(position + rl.prompts_per_step)))
+            fleet.schedule([tasks[nxt[slot]] for slot in upcoming[runtime.rank::runtime.world_size]
+                            for _ in range(rl.group_size)])
         rollout_seconds = time.perf_counter() - t_rollout
         switch = rollout_mode.last_switch
 
@@ -562,6 +581,7 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
               "expert_tokens": r.trajectory.expert_tokens, "total_tokens": r.trajectory.total_tokens,
               "policy_tokens": r.trajectory.policy_tokens, "expert_cost": r.trajectory.expert_cost_usd,
               "quota_refusals": sum(c.refused for c in r.trajectory.expert_calls),
+              "restarts": len(r.trajectory.infrastructure_restarts),   # runs lost with their host, run again
               "infrastructure": None if r.trajectory.infrastructure_error is None   # its kind, e.g. "sampler"
               else r.trajectory.infrastructure_error.partition(":")[0]} for r in mine]
     counters = [reused, counts["zero_variance_groups"], counts["masked_trajectories"], counts["dropped_groups"],
@@ -588,6 +608,7 @@ def _metrics(runtime: Runtime, step: int, stage: str, mine: list[Rollout], reuse
               "steps_mean": sum(r["steps"] for r in rows) / len(rows) if rows else math.nan,
               "terminations": dict(Counter(r["termination"] for r in everything)),
               "infrastructure_failures": sum(failures.values()), "infrastructure_failure_kinds": dict(failures),
+              "infrastructure_restarts": sum(r.get("restarts", 0) for r in everything),
               "dropped_groups": int(dropped),
               "quota_refusals": sum(r["quota_refusals"] for r in rows),
               "expert_cost_usd": sum(r["expert_cost"] for r in everything),

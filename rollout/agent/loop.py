@@ -13,6 +13,7 @@ scores every answered expert call. run_batch runs many (task, policy) jobs on th
 holds up only its own trajectory."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from protege.engine.chat import Conversation, ToolCallParseError, parse_tool_calls
 from protege.engine.tokenizer import Tokenizer
 from protege.rollout.agent import tools
-from protege.rollout.envs.base import Environment
+from protege.rollout.envs.base import Environment, EnvironmentLost
 from protege.rollout.agent.judge import JudgeCase
 from protege.rollout.agent.policies import ContextFull
 from protege.rollout.agent.trajectory import Action, ExpertCall, Message, Trajectory
@@ -208,6 +209,9 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
         traj.termination, traj.error = "error", f"{type(e).__name__}: {e}"
         if isinstance(e, SamplerStepError):   # the engine failed every turn in flight, not this policy
             traj.infrastructure_error = f"sampler: {e}"
+        if isinstance(e, EnvironmentLost):    # its host went away: run_batch runs it again elsewhere
+            traj.infrastructure_error = f"{LOST}: {e}"
+            return traj
     try:
         traj.final_patch = env.diff()
         if config.judge:
@@ -215,6 +219,10 @@ def run_agent(task, env: Environment, policy, expert, tokenizer: Tokenizer, conf
     except Exception as e:  # noqa: BLE001
         traj.termination, traj.error = "error", f"{type(e).__name__}: {e}"
     return traj
+
+
+LOST = "environment lost"   # the infrastructure_error prefix of a trajectory whose host went away
+MAX_RESTARTS = 3           # reruns of one trajectory whose host went away, before it stays an infrastructure failure
 
 
 @dataclass
@@ -233,20 +241,34 @@ def run_batch(jobs: list[Job], make_env: Callable[[object], Environment], expert
     sees each as it finishes (progress, writing)."""
     lock = threading.Lock()
 
-    def one(job: Job) -> Trajectory:
+    def attempt(job: Job) -> Trajectory:
         env = None
         try:
             env = make_env(job.task)
             traj = run_agent(job.task, env, job.policy, expert, tokenizer, config, job.attempt)
         except Exception as e:  # noqa: BLE001 -- the environment could not start
             error = f"{type(e).__name__}: {e}"
+            kind = LOST if isinstance(e, EnvironmentLost) else "environment start"
             traj = Trajectory(job.task.instance_id, job.attempt, job.policy.name, expert.name,
                               gold_patch=job.task.patch, termination="error", error=error,
-                              infrastructure_error=f"environment start: {error}" if env is None else None)
+                              infrastructure_error=f"{kind}: {error}" if env is None else None)
         finally:
             if env is not None:
                 env.close()
-        if evaluate is not None and traj.final_patch:
+        return traj
+
+    def one(job: Job) -> Trajectory:
+        # A trajectory whose host went away is run again from the start (a fresh copy of its policy: the same
+        # seed, turn 0) on another host; the lost runs are counted, never kept as the policy's own.
+        pristine = copy.copy(job.policy)
+        lost: list[str] = []
+        traj = attempt(job)
+        while (traj.infrastructure_error or "").startswith(LOST) and len(lost) < MAX_RESTARTS:
+            lost.append(traj.infrastructure_error)
+            job.policy = copy.copy(pristine)
+            traj = attempt(job)
+        traj.infrastructure_restarts = lost
+        if evaluate is not None and traj.final_patch and not (traj.infrastructure_error or "").startswith(LOST):
             try:
                 traj.evaluation = evaluate(job.task, traj.final_patch)
                 traj.resolved = bool(traj.evaluation["resolved"])

@@ -84,6 +84,9 @@ class Trajectory:
     # Set when the infrastructure failed the run, not the policy ("environment start: ...", "sampler: ...",
     # "evaluator: ...", "judge: ..."): the reward then says nothing about the policy, so GRPO leaves it out.
     infrastructure_error: str | None = None
+    # Earlier attempts of this very trajectory that the infrastructure lost mid-run (a Docker host that stopped
+    # answering): each was run again from the start, and this record is the rerun's.
+    infrastructure_restarts: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def input_ids(self) -> list[int]:

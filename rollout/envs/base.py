@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
+class EnvironmentLost(RuntimeError):
+    """The machine under an environment failed (its Docker daemon is gone or does not answer): nothing the
+    policy did. The trajectory is run again from the start elsewhere and the loss is counted as an
+    infrastructure failure. Not an OSError, so that no tool turns it into an observation."""
+
+
 @dataclass
 class CommandResult:
     output: str           # stdout and stderr, interleaved, cut to the backend's output cap
@@ -134,8 +140,12 @@ def git_diff(run, task) -> str:
 def open_environment(task, backend: str = "docker", **options) -> Environment:
     """A fresh environment for a task (rollout.tasks.Task): backend "docker" or "sandbox" (bubblewrap)."""
     if backend == "docker":
+        pool = options.pop("pool", None)   # a HostPool (rollout/envs/hosts.py): placed on its hosts
+        if pool is not None:
+            return pool.open(task, **options)
         from protege.rollout.envs.docker import DockerEnvironment
         return DockerEnvironment(task, **options)
+    options.pop("pool", None)
     if backend == "sandbox":
         from protege.rollout.envs.sandbox import SandboxEnvironment
         return SandboxEnvironment(task, **options)

@@ -6,7 +6,10 @@ built here (a swebench/sweb.eval.* image) is used as it is.
 
 The base comes either from a registry image where pulls work (e.g. python:3.11-slim) or, on machines that
 reach only the Debian mirrors, from debootstrap (`tar | docker import`). Images are built with the plain
-builder (`client.images.build`; buildx is not needed) and are skipped when they already exist."""
+builder (`client.images.build`; buildx is not needed) and are skipped when they already exist -- a task image
+only when its recipe label (task_recipe: environment image, commit, the whole environment declaration) is
+the task's, so that an edited environment is never graded with a stale image. Getting images onto several
+hosts, pulled or copied, is prepare.py's."""
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +18,8 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
-import time
 from typing import TYPE_CHECKING
 
 from protege.rollout.envs import pyenv
@@ -42,6 +43,7 @@ REGISTRY_SETUP = ("RUN apt-get update -qq && apt-get install -y -qq --no-install
 DEBOOTSTRAP_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
                      "usr/share/locale", "usr/share/info")
 BASE_LABEL = "protege.base"
+RECIPE_LABEL = "protege.recipe"   # a task image's recipe (task_recipe): a different one is rebuilt
 ENV_DIR, ENV_WHEELS = "/opt/protege-env", "/opt/protege-wheels"   # the task's environment in its image
 
 
@@ -168,8 +170,11 @@ def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, 
     spec = task.env_spec
     env_image = ensure_env_image(client, spec, base_image, log)
     env_id = client.images.get(env_image).id
+    recipe = task_recipe(task, env_id)
     try:
-        if client.images.get(task.image).labels.get(BASE_LABEL) == env_id:
+        # The whole recipe, not only the environment image: an image whose install step differs from the
+        # task's would grade with the old install (and disagree with the sandbox, which installs every time).
+        if client.images.get(task.image).labels.get(RECIPE_LABEL) == recipe:
             return task.image
     except _docker().errors.ImageNotFound:
         pass
@@ -180,8 +185,14 @@ def ensure_task_image(client: docker.DockerClient, task: Task, base_image: str, 
     with tempfile.TemporaryDirectory(prefix="protege-ctx-") as tmp:
         materialize_repo(task, os.path.join(tmp, "testbed"))
         _build(client, task.image, "\n".join(lines) + "\n", {"testbed": os.path.join(tmp, "testbed")},
-               {BASE_LABEL: env_id})
+               {BASE_LABEL: env_id, RECIPE_LABEL: recipe})
     return task.image
+
+
+def task_recipe(task: Task, env_id: str) -> str:
+    """What a bundled task's image is made of: the environment image, the repository's commit and the whole
+    environment declaration (EnvSpec.image_key covers pre-install, install and the test command)."""
+    return _short_hash(env_id, task.base_commit, task.env_spec.image_key)
 
 
 def build_images(tasks: list[Task], base: str = "debootstrap", client: docker.DockerClient | None = None,
@@ -190,119 +201,3 @@ def build_images(tasks: list[Task], base: str = "debootstrap", client: docker.Do
     client = client or _docker().from_env()
     base_image = ensure_base_image(client, base, log)
     return [ensure_task_image(client, task, base_image, log) for task in tasks]
-
-
-class ImagesMissing(ValueError):
-    """Task images a run needs that are on none of its Docker hosts' disks (and were not pulled)."""
-
-    def __init__(self, missing: dict[str, list[str]]):
-        self.missing = missing   # host -> ["instance_id (image)", ...]
-        lines = [f"{host}: {len(names)} missing: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-                 for host, names in missing.items()]
-        super().__init__("task images missing (python -m protege.rollout.envs.images prepare --tasks FILE "
-                         "--pull makes them available):\n" + "\n".join(lines))
-
-
-def pull(client: docker.DockerClient, image: str, retries: int = 3, log=print) -> None:
-    """docker pull with a progress line per layer completed and retries with backoff (registries time out)."""
-    if "@" in image:   # pinned by digest: the reference is the whole name
-        repository, tag = image, None
-    else:
-        repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
-    for attempt in range(1, retries + 1):
-        try:
-            done = set()
-            for event in client.api.pull(repository, tag=tag, stream=True, decode=True):
-                if event.get("error"):
-                    raise RuntimeError(event["error"])
-                if event.get("status") in ("Pull complete", "Already exists") and event.get("id") not in done:
-                    done.add(event.get("id"))
-                    log(f"pull {image}: {len(done)} layer(s) ready")
-            return
-        except Exception as e:  # noqa: BLE001 -- the SDK and the registry fail in many ways; retried, then reported
-            if attempt == retries:
-                raise RuntimeError(f"pulling {image} failed after {retries} attempts: {e}") from None
-            log(f"pull {image}: attempt {attempt} failed ({e}); retrying")
-            time.sleep(2 ** attempt)
-
-
-def prepare_images(client: docker.DockerClient, tasks: list[Task], base: str = "debootstrap", pull_missing=False,
-                   log=print) -> dict[str, list[str]]:
-    """Every task's image on this Docker host: built (tasks with a source), pulled (others, with pull_missing)
-    or already present. Returns {"present": [...], "built": [...], "pulled": [...], "missing": [...]} of
-    "instance_id (image)" names; nothing is done twice (present images are kept), so a rerun resumes."""
-    out = {"present": [], "built": [], "pulled": [], "missing": []}
-    base_image = None
-    for task in tasks:
-        name = f"{task.instance_id} ({task.image})"
-        present = _exists(client, task.image)
-        if task.source is not None:
-            base_image = base_image or ensure_base_image(client, base, log)
-            ensure_task_image(client, task, base_image, log)
-            out["present" if present else "built"].append(name)
-        elif present:
-            out["present"].append(name)
-        elif pull_missing:
-            try:
-                pull(client, task.image, log=log)
-                out["pulled"].append(name)
-            except RuntimeError as e:
-                log(str(e))
-                out["missing"].append(name)
-        else:
-            out["missing"].append(name)
-    return out
-
-
-def prepare_hosts(tasks: list[Task], hosts: list[str | None], base: str = "debootstrap", pull_missing=False,
-                  log=print) -> dict[str, dict[str, list[str]]]:
-    """prepare_images on each Docker host (None: the environment's, DOCKER_HOST or the local socket), the
-    hosts in parallel. Raises ImagesMissing naming every image still missing on any host."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(host):
-        client = _docker().DockerClient(base_url=host) if host else _docker().from_env()
-        try:
-            return prepare_images(client, tasks, base, pull_missing, lambda m: log(f"[{host or 'local'}] {m}"))
-        finally:
-            client.close()
-    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
-        results = dict(zip([h or "local" for h in hosts], pool.map(one, hosts)))
-    missing = {host: r["missing"] for host, r in results.items() if r["missing"]}
-    if missing:
-        raise ImagesMissing(missing)
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from protege.rollout.tasks import BUNDLED_JSONL, TaskFormatError, load_tasks
-    p = argparse.ArgumentParser(prog="python -m protege.rollout.envs.images",
-                                description="Make every task's image available on every Docker host a run uses.")
-    sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="build (bundled tasks) or pull (others) each task's image on each host")
-    prep.add_argument("--tasks", default=str(BUNDLED_JSONL), help="task file (.json, .jsonl, .parquet)")
-    prep.add_argument("--hosts", nargs="+", default=[None], metavar="URL",
-                      help="Docker hosts (unix:///run/docker.sock, tcp://node2:2375, ...); default: DOCKER_HOST")
-    prep.add_argument("--pull", action="store_true", help="pull images that are missing from their registry")
-    prep.add_argument("--base", default="debootstrap",
-                      help="'debootstrap' (needs root; Debian mirrors only) or a registry image to build on")
-    args = p.parse_args(argv)
-    try:
-        tasks = load_tasks(args.tasks)
-    except TaskFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    try:
-        results = prepare_hosts(tasks, args.hosts, args.base, args.pull, log=lambda m: print(m, file=sys.stderr))
-    except (ImagesMissing, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"seconds": round(time.monotonic() - started, 1),
-                      "hosts": {h: {k: len(v) for k, v in r.items()} for h, r in results.items()}}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
