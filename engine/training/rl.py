@@ -163,12 +163,15 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                         command_timeout_s=rl.command_timeout_s, expert_quota=rl.expert_quota,
                         expert_budget_usd=rl.expert_budget_usd, max_seconds=rl.max_seconds, judge=rl.expert != "none")
     params = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_tokens=rl.max_turn_tokens)
+    trace = _StepTrace(run_dir, runtime.rank, sampler) if cfg.log.sampler_trace else None
     summary = {}
     plot = run_dir / "grpo.png" if (run_dir / "grpo.png").exists() else None   # a resumed run's, so far
     while step < t.steps:
         step_no = step + 1
         stage = stages.stage_at(step_no)
         started = time.perf_counter()
+        if trace is not None:
+            trace.begin(step_no, started)
         slots = list(range(position, position + rl.prompts_per_step))
         task_of = dict(zip(slots, order.indices(position)))
         mine = slots[runtime.rank::runtime.world_size]
@@ -210,6 +213,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
                       on_done=finished)
             server.close()
         rollout_seconds = time.perf_counter() - t_rollout
+        if trace is not None:
+            trace.phase("rollout", t_rollout, time.perf_counter())
         switch = rollout_mode.last_switch
 
         # Advantages per group; a group is all on this rank.
@@ -219,6 +224,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
         train_stats = _update(cfg, runtime, root, reference, optimizer, scheduler, samples, model)
         model.weight_version += 1
         training_seconds = time.perf_counter() - t_train
+        if trace is not None:
+            trace.phase("training", t_train, time.perf_counter())
         step += 1
         position += rl.prompts_per_step
 
@@ -384,6 +391,32 @@ def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, 
             found[(record["slot"], record["sample"])] = Rollout(record["slot"], record["sample"], record["seed"],
                                                                 traj, record["reward"])
     return found
+
+
+class _StepTrace:
+    """log.sampler_trace: this rank's sampler steps (end time since the GRPO step's start, the running batch,
+    tokens) and the step's phases, one JSON line each in sampler_trace/rank_R.jsonl. What a schedule model
+    is checked against (benchmarks/grpo_sim_validation.py); off by default, it costs a line per step."""
+
+    def __init__(self, run_dir: Path, rank: int, sampler: Sampler):
+        (run_dir / "sampler_trace").mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "sampler_trace" / f"rank_{rank}.jsonl"
+        self.step, self.origin = 0, 0.0
+        sampler.on_step = self._sampler_step
+
+    def begin(self, step: int, origin: float) -> None:
+        self.step, self.origin = step, origin
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    def _sampler_step(self, r) -> None:
+        self._write({"t": r.end - self.origin, "seconds": r.seconds, "sequences": r.sequences,
+                     "decode_rows": r.decode_rows, "tokens": r.tokens, "context": r.context})
+
+    def phase(self, name: str, start: float, end: float) -> None:
+        self._write({"phase": name, "start": start - self.origin, "end": end - self.origin})
 
 
 # ---------------------------------------------------------------------------------------------- update
