@@ -758,9 +758,20 @@ POLICIES = [
     Policy("overlap", "overlap", note="step s's update in step s+1's all-ranks-idle gaps (one step off)"),
     Policy("partial, k=1, 12/rank", "partial", concurrency=12, staleness=1,
            note="12 trajectories in flight per rank (today's), continued across one update"),
+    Policy("partial, k=2, 12/rank", "partial", concurrency=12, staleness=2,
+           note="12 in flight per rank, continued across up to two updates"),
     Policy("partial, k=1, 24/rank", "partial", concurrency=24, staleness=1, note="24 in flight per rank"),
     Policy("partial, k=2, 24/rank", "partial", concurrency=24, staleness=2, note="24 in flight, two updates"),
 ]
+
+
+ENVIRONMENT_TIMES = ("command_s", "test_run_s", "expert_s", "env_start_s", "env_close_s", "evaluation_s")
+
+
+def scaled(workload: Workload, factor: float) -> Workload:
+    """Every environment, expert and evaluation time of the workload times `factor` (sensitivity)."""
+    return replace(workload, **{k: replace(getattr(workload, k), median=getattr(workload, k).median * factor)
+                                for k in ENVIRONMENT_TIMES})
 
 
 def compare(cfg: StepConfig, workload: Workload, device: Device, policies: list[Policy], updates: int,
@@ -859,6 +870,16 @@ def main(argv=None) -> int:
                "ranks); off_policy_token_share: generated tokens trained after an update newer than the weights "
                "that sampled them.", "", markdown_table(rows), "",
                f"![running batch]({png.name})" if png else "(no plot: matplotlib missing)", ""]
+    sensitive = [p for p in policies if p.name in ("sync (today)", "sync, P=64", "partial, k=2, 24/rank")]
+    if sensitive:
+        rows = []
+        for factor in (0.5, 2.0):
+            results = compare(PAPER_CONFIG, scaled(paper_workload("start"), factor), device, sensitive,
+                              args.updates, args.seed)
+            rows += [{"environment times": f"x{factor:g}", **result_row(r, results[0])} for r in results]
+        report["sensitivity"] = rows
+        md += ["## Sensitivity: every environment, expert and evaluation time halved or doubled (start of RL)",
+               "", "SIMULATED; speedup against sync (today) at the same times.", "", markdown_table(rows), ""]
     md += ["## Policies", ""] + [f"- {p.name}: {p.note}" for p in policies] + [""]
     md += ["## Inputs and their sources", "", inputs_table(paper_workload("start"), device), ""]
     md += ["## Validation against a real CPU GRPO run of the engine", "",
