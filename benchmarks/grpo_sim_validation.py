@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,7 +101,8 @@ def real_run(out: Path, model_dir: Path) -> dict:
     for step in range(1, RUN["train.steps"] + 1):
         lines = (out / "rollouts" / f"step_{step}.jsonl").read_text().splitlines()
         rollouts[step] = sorted(map(json.loads, lines), key=lambda r: (r["slot"], r["sample"]))
-    return {"command": " ".join(cmd[1:]), "process_seconds": time.perf_counter() - started,
+    shown = " ".join(cmd[1:]).replace(str(REPO) + "/", "").replace(str(out), "OUT").replace(str(model_dir), "MODEL")
+    return {"command": shown, "process_seconds": time.perf_counter() - started,
             "metrics": metrics, "trace": trace, "rollouts": rollouts}
 
 
@@ -260,34 +260,27 @@ def simulate_run(real: dict, device: sim.Device, env: dict) -> sim.Simulation:
 # ---------------------------------------------------------------------------------------------- comparison
 
 def real_steps(real: dict) -> list[dict]:
-    """Per step: rollout, update and step seconds and the running batch's time-weighted mean in the rollout."""
+    """Per step: rollout and update seconds, and the running batch's time-weighted mean over the rollout
+    (sequences x seconds of each sampler step, over the rollout's length)."""
     out = []
     for m in real["metrics"]:
         steps = [t for t in real["trace"] if t["step"] == m["step"] and "t" in t]
-        phases = {t["phase"]: t for t in real["trace"] if t["step"] == m["step"] and "phase" in t}
-        start, end = phases["rollout"]["start"], phases["rollout"]["end"]
-        busy = sorted([(t["t"] - t["seconds"] - start, t["t"] - start, t["sequences"]) for t in steps])
-        area = sum((b - a) * n for a, b, n in busy)
+        rollout = next(t for t in real["trace"] if t["step"] == m["step"] and t.get("phase") == "rollout")
+        area = sum(t["seconds"] * t["sequences"] for t in steps)
         out.append({"rollout_s": m["rollout_seconds"], "update_s": m["training_seconds"],
-                    "mean_batch": area / (end - start), "busy": busy})
+                    "mean_batch": area / (rollout["end"] - rollout["start"])})
     return out
 
 
 def simulated_steps(run: sim.Simulation) -> list[dict]:
-    """The same figures from the simulation (its rank's busy segments; an update ends each step)."""
+    """The same figures from the simulation's rank (an update ends each step), and its running batch."""
     out, t0 = [], 0.0
     rank = run.ranks[0]
     for u in run.updates:
-        training = [iv for iv in rank.intervals if iv[2] == "training" and t0 <= iv[0] < u]
-        train_start = training[0][0] if training else u
-        segments = [(a - t0, b - t0) for a, b, phase in rank.intervals if phase != "training" and t0 <= a < train_start]
-        trace = sorted((t - t0, n) for t, n in rank.trace if t0 <= t < train_start)
-        area = 0.0
-        for (a, n), nxt in zip(trace, trace[1:] + [(train_start - t0, 0)]):
-            area += n * (nxt[0] - a)
+        train_start = min((a for a, _, phase in rank.intervals if phase == "training" and t0 <= a < u), default=u)
+        trace = sorted((t - t0, n) for t, n in rank.trace if t0 <= t < train_start) or [(0.0, 0)]
         out.append({"rollout_s": train_start - t0, "update_s": u - train_start,
-                    "mean_batch": area / max(train_start - t0, 1e-12),
-                    "busy": [(a, b) for a, b in segments]})
+                    "mean_batch": sim.time_weighted_mean([(0.0, 0)] + trace, train_start - t0), "trace": trace})
         t0 = u
     return out
 
@@ -374,8 +367,6 @@ def main(argv=None) -> int:
     device = cpu_device(sampler, training)
     run = simulate_run(real, device, env)
     measured, predicted = real_steps(real), simulated_steps(run)
-    for p, s_trace in zip(predicted, _step_traces(run)):
-        p["trace"] = s_trace
     rows, summary = table(measured, predicted)
     png = plot(measured, predicted, real["trace"], args.out / "grpo_sim_validation.png")
     mean = lambda xs: sum(xs) / len(xs)
@@ -389,6 +380,8 @@ def main(argv=None) -> int:
           f"to call `{COMMAND}` each turn. SIMULATED: grpo_step_sim.Simulation, one rank, policy sync, replaying "
           f"the run's own trajectories (turns, tokens) with costs measured apart from the run on this CPU "
           f"({measuring_s:.0f} s of measuring): " + "; ".join(f"{k}: {v}" for k, v in inputs.items()) + ".", "",
+          "step_s = rollout_s + update_s (the real step's metrics and plot writing are in neither); mean_batch: "
+          "sequences per sampler step, time-weighted over the rollout (0 while the sampler waits).", "",
           sim.markdown_table(rows), "",
           f"Over the {RUN['train.steps']} steps: real {summary['total_real_s']:.1f} s, SIMULATED "
           f"{summary['total_simulated_s']:.1f} s, error {100 * summary['total_error']:.0f}%. Largest error per "
@@ -401,14 +394,6 @@ def main(argv=None) -> int:
     (args.out / "grpo_sim_validation.json").write_text(json.dumps(report, indent=1) + "\n")
     print(report["markdown"])
     return 0
-
-
-def _step_traces(run: sim.Simulation) -> list[list[tuple[float, int]]]:
-    out, t0 = [], 0.0
-    for u in run.updates:
-        out.append(sorted((t - t0, n) for t, n in run.ranks[0].trace if t0 <= t < u) or [(0.0, 0)])
-        t0 = u
-    return out
 
 
 if __name__ == "__main__":

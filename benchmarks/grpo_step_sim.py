@@ -1,12 +1,13 @@
 """A discrete-event model of GRPO steps on N GPUs: how long a step takes, what the GPU does meanwhile, and
 which rollout schedule is fastest at the paper's setting. Every figure it prints is SIMULATED.
 
-    python benchmarks/grpo_step_sim.py [--out benchmarks/results] [--steps 8] [--seed 0]
+    python benchmarks/grpo_step_sim.py [--out benchmarks/results] [--updates 6] [--seed 0] [--policy NAME]
 
-writes grpo_step_sim.json, grpo_step_sim.md (the policies, the inputs with their sources, the validation
-against a real CPU run when benchmarks/results/grpo_sim_validation.json exists) and grpo_step_sim.png (the
-running batch over time, one panel per policy). `python benchmarks/grpo_sim_validation.py` makes the
-validation (a real GRPO run of the engine on this CPU, the simulator fed its measured costs).
+(about 100 s) writes grpo_step_sim.json, grpo_step_sim.md (the policies at the start and the end of RL, a
+sensitivity table, the inputs with their sources, the validation against a real CPU run when
+grpo_sim_validation.json exists) and grpo_step_sim_{start,end}.png (the running batch over time, one panel per
+policy). `python benchmarks/grpo_sim_validation.py` makes the validation (a real GRPO run of the engine on this
+CPU, the simulator fed its measured costs).
 
 The model. Each rank runs its trajectories; a trajectory is a chain of phases: its environment starts, then
 per turn the sampler prefills the new tokens and decodes the turn, then the environment (a command, the
@@ -340,6 +341,7 @@ class Simulation:
         self.pending: tuple[list[int], float] | None = None   # overlap: (groups, training seconds left)
         self.gap: tuple[float, int] | None = None   # overlap: an update running in a gap (start, token)
         self.gap_yield = False
+        self.target = 0                             # updates to run (run())
 
     def tick(self) -> int:
         self._counter += 1
@@ -569,10 +571,9 @@ class Simulation:
         then step s+1's rollouts start and step s's update waits for gaps."""
         if self.pending is not None:
             previous, left = self.pending
-            self.pending = None
             if self.gap is not None:
-                self._close_gap()
-                left = self._left
+                left = self._close_gap()
+            self.pending = None
             self._update(previous, lambda: self._overlap_next(groups), seconds=left)
             return
         self._overlap_next(groups)
@@ -600,26 +601,27 @@ class Simulation:
         self.gap_yield = True
         self.at(start + done, self._gap_end, token)
 
-    def _close_gap(self) -> None:
+    def _close_gap(self) -> float:
+        """The gap ends now: the ranks sample again; returns the update's seconds still to run."""
         start, _ = self.gap
+        self.gap = None
         for rank in self.ranks:
             rank.intervals.append((start, self.now, "training"))
             rank.training = False
-        self._left = self.pending[1] - (self.now - start) if self.pending else 0.0
-        self.gap = None
+        return self.pending[1] - (self.now - start)
 
     def _gap_end(self, token: int) -> None:
         if self.gap is None or self.gap[1] != token:
             return
-        groups, left = self.pending
-        self._close_gap()
-        if self._left <= 1e-9:   # the update is done: the samplers switch to the new weights
+        groups, _ = self.pending
+        left = self._close_gap()
+        if left <= 1e-9:   # the update is done: the samplers switch to the new weights
             self.pending = None
             self._count_policy(groups)
             self.version += 1
             self.updates.append(self.now)
         else:
-            self.pending = (groups, self._left)
+            self.pending = (groups, left)
         for rank in self.ranks:
             self._kick(rank)
 
