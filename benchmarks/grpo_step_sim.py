@@ -756,7 +756,9 @@ PAPER_CONFIG = StepConfig(ranks=8, prompts_per_step=16, group_size=6, max_steps=
 POLICIES = [
     Policy("sync (today)", "sync", note="rollouts of the step, a barrier, the update (engine/training/rl.py)"),
     Policy("sync, P=32", "sync", prompts_per_step=32, concurrency=24, note="twice the prompts per step"),
-    Policy("sync, P=64", "sync", prompts_per_step=64, concurrency=48, note="four times the prompts per step"),
+    Policy("sync, P=64", "sync", prompts_per_step=64, concurrency=48,
+           note="four times the prompts per step; 48 contexts of up to 32K tokens need ~1.5M tokens of KV: "
+                "about an H200's pool, twice an H100's (KV capacity and preemption are not modelled)"),
     Policy("overlap", "overlap", note="step s's update in step s+1's all-ranks-idle gaps (one step off)"),
     Policy("partial, k=1, 12/rank", "partial", concurrency=12, staleness=1,
            note="12 trajectories in flight per rank (today's), continued across one update"),

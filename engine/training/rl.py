@@ -247,6 +247,8 @@ def run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool) -> dict:
             save_training_checkpoint(run_dir, step, state, root, model, optimizer, runtime,
                                      cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size, cfg.checkpoint.dtype)
         summary = record
+    if trace is not None:
+        trace.close()
     if runtime.is_main:
         final = latest_checkpoint(run_dir)
         summary = {**summary, "checkpoint": str(final / "model") if final else None,
@@ -400,7 +402,7 @@ class _StepTrace:
 
     def __init__(self, run_dir: Path, rank: int, sampler: Sampler):
         (run_dir / "sampler_trace").mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "sampler_trace" / f"rank_{rank}.jsonl"
+        self.file = open(run_dir / "sampler_trace" / f"rank_{rank}.jsonl", "a", encoding="utf-8", buffering=1)
         self.step, self.origin = 0, 0.0
         sampler.on_step = self._sampler_step
 
@@ -408,8 +410,7 @@ class _StepTrace:
         self.step, self.origin = step, origin
 
     def _write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": self.step, **record}) + "\n")
+        self.file.write(json.dumps({"step": self.step, **record}) + "\n")   # line-buffered: one write a line
 
     def _sampler_step(self, r) -> None:
         self._write({"t": r.end - self.origin, "seconds": r.seconds, "sequences": r.sequences,
@@ -417,6 +418,9 @@ class _StepTrace:
 
     def phase(self, name: str, start: float, end: float) -> None:
         self._write({"phase": name, "start": start - self.origin, "end": end - self.origin})
+
+    def close(self) -> None:
+        self.file.close()
 
 
 # ---------------------------------------------------------------------------------------------- update
