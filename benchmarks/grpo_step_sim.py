@@ -884,6 +884,15 @@ def main(argv=None) -> int:
         report["sensitivity"] = rows
         md += ["## Sensitivity: every environment, expert and evaluation time halved or doubled (start of RL)",
                "", "SIMULATED; speedup against sync (today) at the same times.", "", markdown_table(rows), ""]
+    h100 = [p for p in policies if p.name in ("sync (today)", "sync, P=32", "partial, k=2, 12/rank",
+                                              "partial, k=2, 24/rank")]
+    if h100:
+        results = compare(PAPER_CONFIG, paper_workload("start"), gpu_device(hbm=3.35e12), h100, args.updates,
+                          args.seed)
+        rows = [result_row(r, results[0]) for r in results]
+        report["h100"] = rows
+        md += ["## On H100s (start of RL)", "", "SIMULATED: the H200's measured shares at an H100's 3.35 TB/s "
+               "(datasheet; same compute), the paper's GPUs.", "", markdown_table(rows), ""]
     md += ["## Policies", ""] + [f"- {p.name}: {p.note}" for p in policies] + [""]
     md += ["## Inputs and their sources", "", inputs_table(paper_workload("start"), device), ""]
     md += ["## Validation against a real CPU GRPO run of the engine", "",
