@@ -88,7 +88,7 @@ def overrides(models, out: Path, *extra: str) -> list[str]:
             f"rl.reference={json.dumps(str(reference))}", "rl.kl_coef=0.05",
             # Past k1 = 15 repeats the loop term counts: rewards differ within a group (module docstring).
             # Groups of 4 on 2 ranks: each rank's mini-batches hold the same samples as one rank's.
-            "rl.max_steps=18", "rl.group_size=4", "rl.mini_batches=2", *extra]
+            "rl.max_steps=18", "rl.group_size=4", "rl.mini_batches=2", "log.sampler_trace=true", *extra]
 
 
 def run(cmd, **env):
@@ -144,6 +144,14 @@ def test_three_steps_write_every_metric_rollout_and_checkpoint(one_rank):
         assert {r["reward"]["stage"] for r in stored.values()} == {records[step - 1]["stage"]}
         assert all(r["weight_version"] >= 0 and r["sampling"]["temperature"] == 1.0 for r in stored.values())
     assert (one_rank / "grpo.png").stat().st_size > 0
+    # log.sampler_trace: every sampler step inside its step's rollout phase, which comes before the update
+    trace = [json.loads(line) for line in (one_rank / "sampler_trace" / "rank_0.jsonl").read_text().splitlines()]
+    for step in (1, 2, 3):
+        phases = {t["phase"]: t for t in trace if t["step"] == step and "phase" in t}
+        steps = [t for t in trace if t["step"] == step and "t" in t]
+        assert phases["rollout"]["end"] <= phases["training"]["start"] and steps
+        assert all(phases["rollout"]["start"] <= t["t"] <= phases["rollout"]["end"] for t in steps)
+        assert all(1 <= t["sequences"] <= 8 and t["tokens"] >= t["sequences"] for t in steps)
     assert (one_rank / "checkpoints" / "step_00000003" / "model" / "model.safetensors").is_file()
 
 

@@ -151,6 +151,21 @@ def test_multi_turn_conversation_computes_only_new_tokens(model):
     assert sampler.stats.cached_tokens >= sampler.stats.prompt_tokens - 20 * (50 + block_size)
 
 
+def test_step_records_trace_every_step(model):
+    """Sampler.on_step sees each step once: its sequences (the running batch), decode rows and tokens."""
+    sampler = Sampler(model, num_blocks=128, max_num_batched_tokens=64)
+    records = []
+    sampler.on_step = records.append
+    sampler.generate(prompts_of([100, 20, 5]), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(records) == sampler.stats.steps
+    assert sum(r.tokens for r in records) == sampler.stats.computed_tokens
+    assert all(0 <= r.decode_rows <= r.sequences <= 3 and r.tokens >= r.sequences and r.seconds >= 0
+               for r in records)
+    assert records[0].sequences == 1 and records[0].tokens == 64   # the 100-token prompt's first chunk alone
+    assert max(r.sequences for r in records) == 3 and records[-1].decode_rows == records[-1].sequences
+    assert [r.end for r in records] == sorted(r.end for r in records)
+
+
 def test_n_samples_and_groups_compute_the_prompt_once(model):
     block_size = 4
     sampler = Sampler(model, num_blocks=64, block_size=block_size)

@@ -70,6 +70,8 @@ class LogSection:
     every: int = 1
     progress: bool = True           # a progress bar on rank 0
     peak_tflops: float = 0.0        # per device, for MFU (0: 989 on CUDA (H100 bf16 dense), none on CPU)
+    sampler_trace: bool = False     # GRPO: each sampler step's time and running batch, and the step's phases,
+                                    # to sampler_trace/rank_R.jsonl (schedule studies: benchmarks/grpo_step_sim.py)
 
 
 @dataclass

@@ -181,6 +181,7 @@ def _run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool, tasks: list, fle
                         command_timeout_s=rl.command_timeout_s, expert_quota=rl.expert_quota,
                         expert_budget_usd=rl.expert_budget_usd, max_seconds=rl.max_seconds, judge=rl.expert != "none")
     params = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_tokens=rl.max_turn_tokens)
+    trace = _StepTrace(run_dir, runtime.rank, sampler) if cfg.log.sampler_trace else None
     summary = {}
     scheduled_ahead = False
     plot = run_dir / "grpo.png" if (run_dir / "grpo.png").exists() else None   # a resumed run's, so far
@@ -188,6 +189,8 @@ def _run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool, tasks: list, fle
         step_no = step + 1
         stage = stages.stage_at(step_no)
         started = time.perf_counter()
+        if trace is not None:
+            trace.begin(step_no, started)
         slots = list(range(position, position + rl.prompts_per_step))
         task_of = dict(zip(slots, order.indices(position)))
         mine = slots[runtime.rank::runtime.world_size]
@@ -235,6 +238,8 @@ def _run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool, tasks: list, fle
             fleet.schedule([tasks[nxt[slot]] for slot in upcoming[runtime.rank::runtime.world_size]
                             for _ in range(rl.group_size)])
         rollout_seconds = time.perf_counter() - t_rollout
+        if trace is not None:
+            trace.phase("rollout", t_rollout, time.perf_counter())
         switch = rollout_mode.last_switch
 
         # Advantages per group; a group is all on this rank.
@@ -244,6 +249,8 @@ def _run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool, tasks: list, fle
         train_stats = _update(cfg, runtime, root, reference, optimizer, scheduler, samples, model)
         model.weight_version += 1
         training_seconds = time.perf_counter() - t_train
+        if trace is not None:
+            trace.phase("training", t_train, time.perf_counter())
         step += 1
         position += rl.prompts_per_step
 
@@ -265,6 +272,8 @@ def _run_grpo(cfg: TrainConfig, runtime: Runtime, resume: bool, tasks: list, fle
             save_training_checkpoint(run_dir, step, state, root, model, optimizer, runtime,
                                      cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size, cfg.checkpoint.dtype)
         summary = record
+    if trace is not None:
+        trace.close()
     if runtime.is_main:
         final = latest_checkpoint(run_dir)
         summary = {**summary, "checkpoint": str(final / "model") if final else None,
@@ -409,6 +418,34 @@ def _stored_rollouts(path: Path, step: int, slots: set[int]) -> dict[tuple[int, 
             found[(record["slot"], record["sample"])] = Rollout(record["slot"], record["sample"], record["seed"],
                                                                 traj, record["reward"])
     return found
+
+
+class _StepTrace:
+    """log.sampler_trace: this rank's sampler steps (end time since the GRPO step's start, the running batch,
+    tokens) and the step's phases, one JSON line each in sampler_trace/rank_R.jsonl. What a schedule model
+    is checked against (benchmarks/grpo_sim_validation.py); off by default, it costs a line per step."""
+
+    def __init__(self, run_dir: Path, rank: int, sampler: Sampler):
+        (run_dir / "sampler_trace").mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "sampler_trace" / f"rank_{rank}.jsonl", "a", encoding="utf-8", buffering=1)
+        self.step, self.origin = 0, 0.0
+        sampler.on_step = self._sampler_step
+
+    def begin(self, step: int, origin: float) -> None:
+        self.step, self.origin = step, origin
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps({"step": self.step, **record}) + "\n")   # line-buffered: one write a line
+
+    def _sampler_step(self, r) -> None:
+        self._write({"t": r.end - self.origin, "seconds": r.seconds, "sequences": r.sequences,
+                     "decode_rows": r.decode_rows, "tokens": r.tokens, "context": r.context})
+
+    def phase(self, name: str, start: float, end: float) -> None:
+        self._write({"phase": name, "start": start - self.origin, "end": end - self.origin})
+
+    def close(self) -> None:
+        self.file.close()
 
 
 # ---------------------------------------------------------------------------------------------- update

@@ -65,6 +65,17 @@ def _weights_key(model):
 
 
 @dataclass
+class StepRecord:
+    """One sampler step as the optional `Sampler.on_step` callback sees it (schedule traces, benchmarks)."""
+    end: float            # time.perf_counter() when the step's tokens were on the host
+    seconds: float        # the step's wall time, scheduling included
+    sequences: int        # sequences that ran in the step: the running batch
+    decode_rows: int      # of which one-token rows (decoding); the others ran a prefill chunk
+    tokens: int           # tokens through the model
+    context: int          # tokens the step's rows attend over, in all (their KV read)
+
+
+@dataclass
 class _Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -111,6 +122,7 @@ class Sampler:
                 if self.device.type == "cuda" else ()
         self.cuda_graph_sizes, self.cuda_graph_max_query_len = cuda_graph_sizes, cuda_graph_max_query_len
         self.stats = SamplerStats()
+        self.on_step = None   # optional callable(StepRecord) after every step: a cheap trace, off by default
         self._seeds = random.Random(seed)
         self._requests: dict[int, _Request] = {}
         self._done: list[RequestOutput] = []  # finished, not yet returned by step()
@@ -327,6 +339,9 @@ class Sampler:
         self._counted = (self.scheduler.cached_tokens, self.scheduler.preemptions)
         s.blocks_in_use = self.block_manager.num_blocks_in_use
         s.peak_blocks_in_use = max(s.peak_blocks_in_use, s.blocks_in_use)
+        if self.on_step is not None:
+            decode = sum(stop - start == 1 for start, stop in zip(schedule.starts, schedule.stops))
+            self.on_step(StepRecord(t5, t5 - t0, len(schedule.seqs), decode, inputs.num_tokens, sum(schedule.stops)))
         return finished
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
