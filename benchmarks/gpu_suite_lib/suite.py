@@ -257,6 +257,15 @@ def random_pair(suite: Suite, shape: dict, layers: int | None, dtype=torch.float
     return hf, ours.to(dtype).eval()
 
 
+def random_checkpoint(suite: Suite, shape: dict, layers: int | None, name: str) -> Path:
+    """random_pair's weights as a Hugging Face checkpoint (fp32) in the suite's temporary folder, for the
+    sections that build a model the way training does (from a path)."""
+    hf, _ = random_pair(suite, shape, layers, torch.float32)
+    path = Path(suite.tmp.name) / name
+    hf.save_pretrained(path)
+    return path
+
+
 def random_model(suite: Suite, shape: dict, layers: int | None, dtype):
     """Our model alone, random weights, made directly in `dtype` on the device."""
     from protege.engine.config import ModelConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .report import Section
-from .suite import QWEN_0_5B, QWEN_7B, REPO, TINY_TIED, TINY_UNTIED, Suite, prompts_of, random_model, random_pair
+from .suite import QWEN_0_5B, QWEN_7B, REPO, TINY_TIED, TINY_UNTIED, Suite, prompts_of, random_checkpoint, random_model
 
 
 def section_rollout_fsdp(suite: Suite, sec: Section):
@@ -25,10 +25,7 @@ def section_rollout_fsdp(suite: Suite, sec: Section):
     shape, layers = suite.pick(QWEN_0_5B, dry=TINY_TIED), suite.pick(4, dry=2)
 
     def run():
-        hf, _ = random_pair(suite, shape, layers, torch.float32)
-        path = Path(suite.tmp.name) / "rollout_ckpt"
-        hf.save_pretrained(path)
-        del hf
+        path = random_checkpoint(suite, shape, layers, "rollout_ckpt")
         compute = suite.pick(torch.bfloat16, dry=torch.float32)
         runtime = suite.process_group()
         model, root = build_training_model(str(path), torch.float32, compute, runtime, False, TokenNLL)
@@ -70,10 +67,7 @@ def section_grpo(suite: Suite, sec: Section):
     group, shape = 4, TINY_TIED if suite.dry else dict(QWEN_0_5B, num_hidden_layers=2)
 
     def run():
-        hf, _ = random_pair(suite, shape, None, torch.float32)
-        path = Path(suite.tmp.name) / "grpo_ckpt"
-        hf.save_pretrained(path)
-        del hf
+        path = random_checkpoint(suite, shape, None, "grpo_ckpt")
         compute = suite.pick(torch.bfloat16, dry=torch.float32)
         model, root = build_training_model(str(path), torch.float32, compute, suite.process_group(), False,
                                            TokenLogprobs)
