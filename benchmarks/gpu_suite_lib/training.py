@@ -185,8 +185,8 @@ def section_grpo_7b_flags(suite: Suite, sec: Section):
         sampler = Sampler(model, kv_cache_fraction=rl.kv_cache_fraction, cuda_graph_sizes=graph_sizes,
                           max_model_len=min(rl.max_context_tokens, model.config.max_position_embeddings))
         rollout = RolloutMode(root, model, sampler)
-        prompts = prompts_of(suite.pick([200, 700], dry=[6, 11]), shape["vocab_size"], seed=13)
-        params = [SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_tokens=suite.pick(48, dry=4),
+        prompts = prompts_of(suite.pick([200, 700], dry=[3, 5]), shape["vocab_size"], seed=13)
+        params = [SamplingParams(temperature=rl.temperature, top_p=rl.top_p, max_tokens=suite.pick(48, dry=3),
                                  seed=i, n=rl.group_size, ignore_eos=True) for i in range(len(prompts))]
         with rollout:
             before = Counter(calls)
