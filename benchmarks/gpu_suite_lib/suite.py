@@ -50,6 +50,7 @@ SECTIONS = {
     "sft_speed": ("SFT step speed and rollout switch", 55, 30),
 }
 
+
 class Suite:
     def __init__(self, args, report: bool = True):
         """report=False: shapes, device and kernels only (a warm-up worker: no versions, git or report folder)."""

@@ -74,8 +74,8 @@ class Host:
 class HostPool:
     """Places environments on hosts. open(task) -> a started DockerEnvironment, released on its close."""
 
-    def __init__(self, config: HostPoolConfig = HostPoolConfig(), log=print):
-        self.config = config
+    def __init__(self, config: HostPoolConfig | None = None, log=print):
+        self.config = config if config is not None else HostPoolConfig()   # never a default shared by pools
         self.log = log
         self.hosts = [Host(url, config) for url in (config.hosts or [""])]
         self._cond = threading.Condition()
